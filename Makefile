@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make smoke` and `make test`. Both create or reuse .venv first.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Stamp names the lock's hash, so a changed lock reinstalls and an unchanged one never does.
+LOCK_HASH := $(shell sha256sum requirements/cpu.lock requirements/constraints.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+# DeepSpeed JIT-compiles C++ ops on first use; cache them with the venv so tests and CI pay once.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export DS_ACCELERATOR := cpu
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONPATH := $(abspath .)
+
+.PHONY: venv test smoke bench lock clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.lock requirements/constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	rm -f $(VENV)/.installed-*
+	# torch first, by exact version, so pip takes the local CPU wheel and never a CUDA build.
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	# Everything else exactly as locked; --no-deps keeps torchrec from pulling CUDA fbgemm-gpu.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -c requirements/constraints.txt -r requirements/cpu.lock
+	$(BIN)/python -c "import torch, torchrec, fbgemm_gpu, ray, deepspeed, pyarrow; assert not torch.version.cuda, 'CUDA torch installed'"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+# Until the distributed trainer lands, smoke runs the mixer benchmark at short lengths.
+smoke: venv
+	$(BIN)/python -m benchmarks.mixers --quick --out runs/smoke/mixers.json
+
+bench: venv
+	$(BIN)/python -m benchmarks.mixers --out benchmarks/results/mixers-cpu.json
+
+# Re-resolve the full lock from requirements/cpu.in in a scratch venv.
+lock:
+	rm -rf /tmp/convformer-lock && $(PY) -m venv /tmp/convformer-lock
+	/tmp/convformer-lock/bin/pip install -q torch==2.13.0
+	/tmp/convformer-lock/bin/pip install -q -c requirements/constraints.txt fbgemm-gpu-cpu==1.8.0
+	/tmp/convformer-lock/bin/pip install -q --no-deps torchrec==1.8.0
+	grep -vE '^(#|torch==|fbgemm-gpu-cpu|torchrec)' requirements/cpu.in | grep . | xargs /tmp/convformer-lock/bin/pip install -q -c requirements/constraints.txt
+	{ echo "# Full pinned CPU environment, resolved from requirements/cpu.in on Python 3.11 (pip freeze)."; \
+	  echo "# Installed with --no-deps after torch (see Makefile); regenerate with 'make lock'."; \
+	  /tmp/convformer-lock/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements/cpu.lock
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

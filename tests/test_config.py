@@ -1,0 +1,82 @@
+"""The config tree: every shipped config loads; mistakes are refused with the key named."""
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Config, dump_config, load_config
+
+CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").rglob("*.yaml"))
+
+
+def test_configs_exist():
+    assert len(CONFIGS) >= 3
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # the header documents how to launch it
+    assert any(line.startswith("#") and "python -m" in line for line in path.read_text().splitlines()[:5])
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(CONFIGS[0], ["model.kernel_size=16", "eval.ks=[1, 10]"])
+    out = tmp_path / "c.yaml"
+    out.write_text(dump_config(cfg))
+    assert load_config(out) == cfg
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(None, ["model.kernel_size=16", "training.lr=3e-4", "eval.exclude_seen=true", "eval.ks=[1,10]"])
+    assert cfg.model.kernel_size == 16 and cfg.training.lr == 3e-4
+    assert cfg.eval.exclude_seen is True and cfg.eval.ks == [1, 10]
+    assert isinstance(load_config(None, ["training.lr=1"]).training.lr, float)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.kernal_size=3"], r"unknown key model\.kernal_size"),
+        (["modle.dim=3"], r"unknown key modle"),
+        (["model.dim=big"], r"model\.dim must be an integer"),
+        (["model.dim=3.5"], r"model\.dim must be an integer"),
+        (["model.mixer=lstm"], r"model\.mixer='lstm' is not one of"),
+        (["eval.exclude_seen=maybe"], r"eval\.exclude_seen must be true or false"),
+        (["eval.ks=10"], r"eval\.ks must be a list"),
+        (["model.kernel_size=100", "model.max_seq_len=50"], r"model\.kernel_size=100 exceeds model\.max_seq_len=50"),
+        (["model.mixer=attention", "model.dim=30", "model.num_heads=4"], r"model\.dim=30 is not divisible"),
+        (["model.padding=circular"], r"training\.positions='all' needs a causal mixer"),
+        (["model.mixer=dwc", "model.padding=reflect"], r"training\.positions='all' needs a causal mixer"),
+        (["model.mixer=fft", "model.padding=reflect", "training.positions=last"], r"reflect.*has no FFT form"),
+        (["distributed.zero_stage=3"], r"distributed\.zero_stage must be 0, 1 or 2"),
+        (["distributed.num_workers=0"], r"distributed\.num_workers must be >= 1"),
+        (["training.loss.type=bce", "training.loss.in_batch_negatives=true"], r"in_batch_negatives needs"),
+        (["data.eval_day=yesterday"], r"data\.eval_day must be a date"),
+        (["model.dropout=1.0"], r"model\.dropout must be in"),
+        (["model"], r"must look like section\.key=value"),
+        (["model.dim.x=3"], r"model\.dim must be an integer"),
+    ],
+)
+def test_mistakes_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_non_causal_allowed_on_last_position():
+    cfg = load_config(None, ["model.padding=circular", "model.mixer=dwc", "training.positions=last"])
+    assert not cfg.model.causal
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ValueError, match="mapping at the top level"):
+        load_config(scalar)

@@ -1,0 +1,121 @@
+"""Each loss on a tiny case computed by hand, and the log-Q correction against its formula."""
+
+import math
+
+import pytest
+import torch
+
+from model.config import LossConfig
+from model.losses import NegativeSampler, bce, bpr, next_item_loss, sampled_softmax, training_rows
+
+
+def test_bce_by_hand():
+    q = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[2.0, 0.0]])  # score 2
+    n = torch.tensor([[-1.0, 0.0]])  # score -1
+    expected = -math.log(1 / (1 + math.exp(-2))) - math.log(1 - 1 / (1 + math.exp(1)))
+    assert bce(q, p, n).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bpr_by_hand():
+    q = torch.tensor([[1.0, 1.0]])
+    p = torch.tensor([[1.0, 0.5]])  # 1.5
+    n = torch.tensor([[0.5, 0.0]])  # 0.5
+    assert bpr(q, p, n).item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))), rel=1e-6)
+
+
+def test_sampled_softmax_plain_by_hand():
+    q = torch.tensor([[1.0, 0.0]])
+    pos_emb = torch.tensor([[1.0, 0.0]])  # s=1
+    neg_emb = torch.tensor([[0.0, 1.0], [2.0, 0.0]])  # s=0, s=2
+    loss = sampled_softmax(q, torch.tensor([5]), pos_emb, torch.tensor([7, 8]), neg_emb)
+    expected = -(1 - math.log(math.exp(1) + math.exp(0) + math.exp(2)))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logq_correction_formula():
+    # corrected negative logit = s - log(M * Q(item)); the positive is not corrected
+    q = torch.tensor([[1.0, 0.0]])
+    pos_emb = torch.tensor([[0.5, 0.0]])
+    neg_emb = torch.tensor([[0.2, 0.0], [0.9, 0.0], [0.1, 0.0]])
+    logq = torch.log(torch.tensor([0.5, 0.1, 0.01]))
+    loss = sampled_softmax(q, torch.tensor([1]), pos_emb, torch.tensor([2, 3, 4]), neg_emb, neg_logq=logq)
+    m = 3
+    negs = [0.2 - math.log(m * 0.5), 0.9 - math.log(m * 0.1), 0.1 - math.log(m * 0.01)]
+    expected = -(0.5 - math.log(math.exp(0.5) + sum(math.exp(v) for v in negs)))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logq_estimator_approaches_full_softmax():
+    # The corrected sampled loss is a consistent estimate of full-softmax cross-entropy.
+    torch.manual_seed(0)
+    num_items, d = 500, 8
+    items = torch.randn(num_items + 1, d)
+    q = torch.randn(1, d)
+    pos = torch.tensor([3])
+    full = torch.nn.functional.cross_entropy(q @ items[1:].T, pos - 1).item()
+    counts = torch.cat([torch.zeros(1), torch.rand(num_items) ** 3 * 100])
+    sampler = NegativeSampler(num_items, "popularity", counts)
+    neg = sampler.sample(200_000, torch.Generator().manual_seed(1))
+    corrected = sampled_softmax(q, pos, items[pos], neg, items[neg], neg_logq=sampler.log_q(neg)).item()
+    uncorrected = sampled_softmax(q, pos, items[pos], neg, items[neg]).item()
+    assert abs(corrected - full) < 0.05
+    assert abs(uncorrected - full) > 5 * abs(corrected - full)
+
+
+def test_accidental_hits_masked():
+    q = torch.tensor([[1.0, 0.0]])
+    emb = torch.tensor([[1.0, 0.0]])
+    # the only negative is the positive itself: masked, so the loss is -log 1 = 0
+    loss = sampled_softmax(q, torch.tensor([4]), emb, torch.tensor([4]), emb)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_in_batch_negatives_by_hand():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos_ids = torch.tensor([1, 2])
+    pos_emb = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    neg_emb = torch.tensor([[0.0, 0.0]])
+    loss = sampled_softmax(q, pos_ids, pos_emb, torch.tensor([9]), neg_emb, in_batch=True)
+    # row 0: pos 1, shared neg 0, in-batch item 2 scores 1; row 1: pos 1, neg 0, item 1 scores 0
+    row0 = -(1 - math.log(math.exp(1) + 1 + math.exp(1)))
+    row1 = -(1 - math.log(math.exp(1) + 1 + math.exp(0)))
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_popularity_sampler_follows_counts():
+    counts = torch.tensor([0, 1000, 100, 10, 0])
+    s = NegativeSampler(4, "popularity", counts)
+    ids = s.sample(100_000, torch.Generator().manual_seed(0))
+    assert ids.min() >= 1 and ids.max() <= 4
+    freq = torch.bincount(ids, minlength=5)[1:].double() / ids.numel()
+    expected = (counts[1:].double() + 1) / (counts[1:].double() + 1).sum()
+    assert torch.allclose(freq, expected, atol=0.01)
+    assert torch.allclose(s.log_q(torch.tensor([1, 4])).exp().double(), expected[[0, 3]], rtol=1e-5)
+
+
+def test_uniform_sampler_range_and_logq():
+    s = NegativeSampler(10, "uniform")
+    ids = s.sample(5000, torch.Generator().manual_seed(0))
+    assert set(ids.tolist()) == set(range(1, 11))
+    assert s.log_q(ids[:3]).allclose(torch.full((3,), -math.log(10)))
+
+
+def test_training_rows_all_vs_last():
+    hidden = torch.arange(2 * 3 * 1, dtype=torch.float).view(2, 3, 1)
+    targets = torch.tensor([[0, 5, 6], [7, 0, 8]])
+    q, t = training_rows(hidden, targets, "all")
+    assert t.tolist() == [5, 6, 7, 8] and q.squeeze(-1).tolist() == [1, 2, 3, 5]
+    q, t = training_rows(hidden, targets, "last")
+    assert t.tolist() == [6, 8] and q.squeeze(-1).tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("kind", ["sampled_softmax", "bce", "bpr"])
+def test_next_item_loss_runs_and_backprops(kind):
+    emb = torch.nn.Embedding(11, 4)
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5))
+    cfg = LossConfig(type=kind, num_negatives=6, in_batch_negatives=kind == "sampled_softmax")
+    loss = next_item_loss(cfg, hidden, targets, emb, NegativeSampler(10), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0 and emb.weight.grad.abs().sum() > 0

@@ -1,0 +1,152 @@
+"""The FFT mixer against the direct depth-wise convolution, and causality of every mixer."""
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.convformer import SequenceEncoder
+from model.mixers import _fast_fft_size, depthwise_conv, fft_conv
+
+# (L, K, D, B): short to long, K from 1 to L, odd sizes on purpose.
+GRID = [
+    (1, 1, 4, 2),
+    (2, 2, 3, 1),
+    (7, 3, 5, 3),
+    (13, 13, 8, 2),
+    (50, 30, 16, 4),
+    (64, 1, 8, 2),
+    (97, 45, 6, 2),
+    (200, 200, 8, 2),
+    (511, 128, 4, 2),
+    (1031, 1031, 4, 2),
+    (1031, 517, 3, 1),
+]
+
+
+def _inputs(length, k, dim, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, dim, generator=g)
+    # left padding of varied length, zeroed as the encoder does
+    pad = torch.randint(0, length, (batch,), generator=g)
+    valid = torch.arange(length)[None, :] >= pad[:, None]
+    x = x * valid[..., None]
+    w = torch.randn(dim, k, generator=g) / k**0.5
+    b = torch.randn(dim, generator=g)
+    return x, w, b
+
+
+def _close(a, b, rel=2e-5):
+    scale = b.abs().max().clamp(min=1.0)
+    assert (a - b).abs().max() <= rel * scale, f"max abs diff {(a - b).abs().max():.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("length,k,dim,batch", GRID)
+@pytest.mark.parametrize("padding", ["zero", "circular"])
+def test_fft_matches_direct_forward_and_grads(length, k, dim, batch, padding):
+    x, w, b = _inputs(length, k, dim, batch)
+    results = []
+    for op in (depthwise_conv, fft_conv):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        y = op(xi, wi, bi, padding)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        (y * upstream).sum().backward()
+        results.append((y.detach(), xi.grad, wi.grad, bi.grad))
+    for direct, fast in zip(*results):
+        _close(fast, direct)
+
+
+def test_circular_differs_from_zero_padding():
+    # guards against both paths silently computing the same (wrong) thing
+    x, w, b = _inputs(20, 8, 4, 2)
+    assert not torch.allclose(fft_conv(x, w, b, "circular"), fft_conv(x, w, b, "zero"))
+
+
+def test_zero_padding_equals_explicit_sum():
+    # y[t] = b + sum_j w[K-1-j] x[t-j]: the definition, written out
+    x, w, b = _inputs(9, 4, 2, 1)
+    x = torch.randn_like(x)
+    y = torch.zeros_like(x) + b
+    for t in range(9):
+        for j in range(4):
+            if t - j >= 0:
+                y[:, t] += w[:, 3 - j] * x[:, t - j]
+    _close(fft_conv(x, w, b, "zero"), y)
+    _close(depthwise_conv(x, w, b, "zero"), y)
+
+
+def test_fast_fft_size():
+    assert [_fast_fft_size(n) for n in (1, 2, 7, 11, 17, 1000, 1025, 2061)] == [1, 2, 8, 12, 18, 1000, 1080, 2160]
+
+
+def test_half_precision_fft_runs_in_fp32():
+    x, w, b = _inputs(64, 64, 8, 2)
+    y16 = fft_conv(x.bfloat16(), w.bfloat16(), b.bfloat16(), "zero")
+    assert y16.dtype == torch.bfloat16
+    _close(y16.float(), fft_conv(x, w, b, "zero"), rel=2e-2)
+
+
+CAUSAL = [
+    dict(mixer="dwc", padding="zero", kernel_size=5),
+    dict(mixer="dwc", padding="zero", kernel_size=32),
+    dict(mixer="fft", padding="zero", kernel_size=32),
+    dict(mixer="fft", padding="zero", kernel_size=7),
+    dict(mixer="attention"),
+]
+
+
+def _encoder(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, num_layers=2, max_seq_len=32, num_heads=2, dropout=0.0, conv_init_std=0.2, **kw)
+    return SequenceEncoder(cfg).eval()
+
+
+@pytest.mark.parametrize("kw", CAUSAL, ids=lambda kw: f"{kw['mixer']}-K{kw.get('kernel_size', '')}")
+@pytest.mark.parametrize("t", [0, 9, 30])
+def test_causal(kw, t):
+    enc = _encoder(**kw)
+    x = torch.randn(3, 32, 16)
+    valid = torch.ones(3, 32, dtype=torch.bool)
+    changed = x.clone()
+    changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :]) * 5
+    y, y2 = enc(x, valid), enc(changed, valid)
+    assert torch.equal(y[:, : t + 1], y2[:, : t + 1]) or torch.allclose(y[:, : t + 1], y2[:, : t + 1], atol=1e-5)
+    if t < 31:  # the test can fail: later outputs do change
+        assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :], atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(mixer="dwc", padding="circular", kernel_size=8), dict(mixer="fft", padding="circular", kernel_size=8)])
+def test_circular_is_not_causal(kw):
+    enc = _encoder(**kw)
+    x = torch.randn(2, 32, 16)
+    valid = torch.ones(2, 32, dtype=torch.bool)
+    changed = x.clone()
+    changed[:, -1] += 3.0 * torch.randn(2, 16)  # not a constant shift, which LayerNorm would erase
+    assert not torch.allclose(enc(x, valid)[:, 0], enc(changed, valid)[:, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    CAUSAL + [dict(mixer="dwc", padding="circular", kernel_size=8), dict(mixer="dwc", padding="reflect", kernel_size=8)],
+    ids=lambda kw: f"{kw['mixer']}-{kw.get('padding', '')}-K{kw.get('kernel_size', '')}",
+)
+def test_padding_never_influences_real_positions(kw):
+    enc = _encoder(**kw)
+    pad = 12
+    x = torch.randn(2, 32, 16)
+    valid = torch.arange(32)[None, :].expand(2, 32) >= pad
+    garbage = x.clone()
+    garbage[:, :pad] = torch.randn(2, pad, 16) * 100  # whatever sits in padded slots
+    y, y2 = enc(x, valid), enc(garbage, valid)
+    assert torch.allclose(y[:, pad:], y2[:, pad:], atol=1e-5)
+    assert torch.all(y[:, :pad] == 0) and torch.all(y2[:, :pad] == 0)
+
+
+@pytest.mark.parametrize("mixer", ["fft", "dwc", "attention"])
+def test_left_padding_amount_does_not_matter(mixer):
+    # The same history in a window of 10 and of 32 gives the same outputs (positions count from the end).
+    enc = _encoder(mixer=mixer, kernel_size=32 if mixer == "fft" else 9, padding="zero")
+    hist = torch.randn(1, 10, 16)
+    short = enc(hist, torch.ones(1, 10, dtype=torch.bool))
+    long_x = torch.cat([torch.zeros(1, 22, 16), hist], dim=1)
+    long_valid = torch.arange(32)[None, :] >= 22
+    assert torch.allclose(enc(long_x, long_valid)[:, 22:], short, atol=1e-5)

@@ -1,0 +1,220 @@
+"""The one config tree: typed dataclasses loaded from YAML, with dotted CLI overrides.
+
+    cfg = load_config("configs/smoke.yaml", ["model.kernel_size=64", "training.lr=3e-4"])
+
+Every user mistake (unknown key, wrong type, impossible combination) is a ValueError that
+names the dotted key. Sections validate themselves in __post_init__; Config checks the
+combinations that span sections.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from data.config import DataConfig
+from model.config import LossConfig, ModelConfig
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps; 0 means run all epochs
+    batch_size: int = 128  # sequences per worker per step
+    # all: next-item loss at every position (needs a causal mixer); last: only the final position.
+    positions: Literal["all", "last"] = "all"
+    lr: float = 1e-3  # dense tower (AdamW via DeepSpeed)
+    weight_decay: float = 0.0
+    sparse_optimizer: Literal["rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    grad_clip: float = 1.0  # 0 disables
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    log_every: int = 20
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"training.max_steps must be >= 0, got {self.max_steps}")
+        for name in ("lr", "sparse_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("training.weight_decay and training.grad_clip must be >= 0")
+
+
+@dataclass
+class DistributedConfig:
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5  # fractional so Ray Data keeps CPUs on a 2-core machine
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo otherwise
+    sharding: Literal["auto", "table_wise", "row_wise", "column_wise"] = "auto"  # auto: the planner's choice
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    # Planner memory caps per device, in GiB; 0 means what the device reports.
+    hbm_cap_gib: float = 0.0
+    ddr_cap_gib: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"distributed.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"distributed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.backend == "nccl" and self.use_gpu == "no":
+            raise ValueError("distributed.backend='nccl' needs GPUs but distributed.use_gpu='no'")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50, 100])
+    exclude_seen: bool = False  # score already-seen items as -inf
+    batch_size: int = 512  # queries per scoring step
+    popularity_baseline: bool = True
+    oracle: bool = True  # synthetic logs only
+
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"eval.ks must be a non-empty list of positive ints, got {self.ks}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    checkpoint_every: int = 0  # steps; 0 means only at the end of each epoch
+    keep_checkpoints: int = 2
+    export_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("output.checkpoint_every must be >= 0 and output.keep_checkpoints >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.training.positions == "all" and not self.model.causal:
+            raise ValueError(
+                f"training.positions='all' needs a causal mixer, but model.mixer='{self.model.mixer}' with "
+                f"model.padding='{self.model.padding}' lets position t see later inputs; "
+                "use model.padding=zero or training.positions=last"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load `path` (YAML; None for all defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 1e-3, true, [1, 5])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part} is not a section")
+    try:
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        node[leaf] = text
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key {prefix}{unknown[0]}; valid keys in {where}: {', '.join(names)}")
+    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(repr(a) for a in args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug in the tree, not user input
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
