@@ -66,8 +66,8 @@ class _SpectralConv(torch.autograd.Function):
     """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs.
 
     A hand-written backward: the adjoint of a convolution is a correlation, so both gradients
-    reuse the saved spectra and need two transforms instead of autograd's four, and the
-    transforms run on the contiguous channel-major view.
+    reuse the saved spectra and the backward needs two large transforms (autograd through
+    rfft/irfft needs more, and more memory). Transforms run over the channel-major view.
     """
 
     @staticmethod
@@ -84,10 +84,11 @@ class _SpectralConv(torch.autograd.Function):
         x_f, h_f = ctx.saved_tensors
         g_f = torch.fft.rfft(grad_y.transpose(1, 2), n=ctx.n)  # (B, D, n//2+1)
         grad_x = grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.fft.irfft(g_f * h_f.conj(), n=ctx.n)[..., : ctx.length].transpose(1, 2)
         if ctx.needs_input_grad[1]:
-            grad_h = torch.fft.irfft((g_f * x_f.conj()).sum(0), n=ctx.n)[..., : ctx.k]
+            # sum over the batch without materialising the (B, D, F) product
+            grad_h = torch.fft.irfft(torch.einsum("bdf,bdf->df", g_f, x_f.conj()), n=ctx.n)[..., : ctx.k]
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.fft.irfft(g_f.mul_(h_f.conj()), n=ctx.n)[..., : ctx.length].transpose(1, 2)
         return grad_x, grad_h, None
 
 
