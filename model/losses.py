@@ -127,10 +127,14 @@ def next_item_loss(
     positions: str = "all",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
+    """Mean next-item loss. Calls `embed` exactly once, even for a batch with no targets, because
+    a sharded table's lookup is a collective that every rank must join the same number of times."""
     query, pos_ids = training_rows(hidden, targets, positions)  # (N, D), (N,)
     n = pos_ids.numel()
     if n == 0:
-        return hidden.sum() * 0.0  # keeps the graph (and DDP/ZeRO hooks) alive for an empty batch
+        neg_ids = sampler.sample(1, generator).to(pos_ids.device)
+        # zero, but connected to every parameter so gradient all-reduces see the same graph on all ranks
+        return (hidden.sum() + embed(neg_ids).sum()) * 0.0
     if cfg.type == "sampled_softmax":
         neg_ids = sampler.sample(cfg.num_negatives, generator).to(pos_ids.device)  # (M,)
         emb = embed(torch.cat([pos_ids, neg_ids]))  # one lookup for both

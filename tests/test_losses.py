@@ -119,3 +119,19 @@ def test_next_item_loss_runs_and_backprops(kind):
     loss = next_item_loss(cfg, hidden, targets, emb, NegativeSampler(10), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and hidden.grad.abs().sum() > 0 and emb.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["sampled_softmax", "bce"])
+def test_empty_batch_still_looks_up_once(kind):
+    # a sharded lookup is a collective: a rank with no targets must still join it exactly once
+    calls = []
+    emb = torch.nn.Embedding(11, 4)
+
+    def embed(ids):
+        calls.append(ids.numel())
+        return emb(ids)
+
+    hidden = torch.randn(1, 5, 4, requires_grad=True)
+    loss = next_item_loss(LossConfig(type=kind, num_negatives=3), hidden, torch.zeros(1, 5, dtype=torch.long), embed, NegativeSampler(10))
+    loss.backward()
+    assert len(calls) == 1 and loss.item() == 0.0 and hidden.grad is not None
