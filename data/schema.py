@@ -1,0 +1,299 @@
+"""The behaviour-log format and its validating, streaming reader.
+
+A log is a directory hive-partitioned by UTC day, one row per event:
+
+    LOG/day=2026-01-01/part-00000.parquet    user_id int64, item_id int64, ts timestamp[*, tz=UTC], extras...
+
+Names starting with `_` or `.` are not data (metadata such as `_synth.json`, `_maps/`). What stops the job
+(a LogError naming the file) and what is skipped with a warning is listed in docs/data.md.
+"""
+
+import datetime as dt
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+USER, ITEM, TS = "user_id", "item_id", "ts"
+TS_TYPE = pa.timestamp("us", tz="UTC")
+LOG_SCHEMA = pa.schema([(USER, pa.int64()), (ITEM, pa.int64()), (TS, TS_TYPE)])
+DAY_US = 86_400_000_000
+_UTC_NAMES = {"UTC", "utc", "Etc/UTC", "+00:00", "Z", "GMT"}
+_DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
+EPOCH = dt.date(1970, 1, 1)
+
+PathLike = Union[str, os.PathLike]
+DayLike = Union[str, dt.date]
+
+
+class LogError(ValueError):
+    """A log that cannot be used as it is: names the file (or day directory) and the problem."""
+
+    def __init__(self, path: PathLike, problem: str) -> None:
+        super().__init__(str(path), problem)  # args kept as (path, problem) so it pickles across Ray
+        self.path = str(path)
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+@dataclass
+class SkipReport:
+    """Rows dropped by the reader, by reason and by file. Nothing is dropped without being counted here."""
+
+    rows_read: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    by_file: dict = field(default_factory=dict)  # path -> Counter of reasons
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.by_reason.values())
+
+    def add(self, path: str, counts: dict, rows: int = 0) -> None:
+        self.rows_read += rows
+        if counts:
+            self.by_reason.update(counts)
+            self.by_file.setdefault(path, Counter()).update(counts)
+
+    def merge(self, other: "SkipReport") -> None:
+        self.rows_read += other.rows_read
+        for path, counts in other.by_file.items():
+            self.add(path, counts)
+
+    def warn(self) -> None:
+        """Log one warning per file with skipped rows (the caller decides when)."""
+        for path, counts in sorted(self.by_file.items()):
+            log.warning("skipped %d bad rows in %s: %s", sum(counts.values()), path, dict(counts))
+
+    def to_dict(self) -> dict:
+        return {"rows_read": self.rows_read, "rows_skipped": self.rows_skipped, "by_reason": dict(self.by_reason)}
+
+
+class LogFile(NamedTuple):
+    day: dt.date
+    path: str
+
+
+# ---------------------------------------------------------------- days and files
+
+
+def to_date(day: DayLike) -> dt.date:
+    return day if isinstance(day, dt.date) else dt.date.fromisoformat(day)
+
+
+def day_start_us(day: DayLike) -> int:
+    """Microseconds since the epoch at 00:00 UTC of `day`."""
+    return (to_date(day) - EPOCH).days * DAY_US
+
+
+def day_dir(log_dir: PathLike, day: DayLike) -> str:
+    return os.path.join(os.fspath(log_dir), f"day={to_date(day).isoformat()}")
+
+
+def _visible(name: str) -> bool:
+    return not (name.startswith("_") or name.startswith("."))
+
+
+def list_days(log_dir: PathLike) -> list[dt.date]:
+    """The day partitions present, sorted. Any other visible entry is a LogError (nothing is ignored silently)."""
+    log_dir = os.fspath(log_dir)
+    if not os.path.isdir(log_dir):
+        raise LogError(log_dir, "log directory does not exist")
+    days = []
+    for name in sorted(os.listdir(log_dir)):
+        if not _visible(name):
+            continue
+        m = _DAY_DIR.match(name)
+        path = os.path.join(log_dir, name)
+        if not m or not os.path.isdir(path):
+            raise LogError(path, "expected a partition directory named day=YYYY-MM-DD")
+        try:
+            days.append(dt.date.fromisoformat(m.group(1)))
+        except ValueError:
+            raise LogError(path, f"partition name has an impossible date {m.group(1)!r}") from None
+    return days
+
+
+def list_files(
+    log_dir: PathLike, start_day: Optional[DayLike] = None, end_day: Optional[DayLike] = None
+) -> list[LogFile]:
+    """Data files of days in [start_day, end_day) (either bound may be None), sorted by day then path."""
+    lo = to_date(start_day) if start_day is not None else None
+    hi = to_date(end_day) if end_day is not None else None
+    files = []
+    for day in list_days(log_dir):
+        if (lo is not None and day < lo) or (hi is not None and day >= hi):
+            continue
+        root = day_dir(log_dir, day)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))
+            files.extend(LogFile(day, os.path.join(dirpath, f)) for f in sorted(filenames) if _visible(f))
+    return files
+
+
+def count_rows(files: Sequence[LogFile]) -> int:
+    """Total rows from the Parquet footers (no data read)."""
+    return sum(open_file(f.path).metadata.num_rows for f in files)
+
+
+def require_day(log_dir: PathLike, day: DayLike) -> None:
+    """Evaluation needs `day`: a LogError naming it when it is missing or holds no events."""
+    path = day_dir(log_dir, day)
+    files = list_files(log_dir, day, to_date(day) + dt.timedelta(days=1))
+    if not files:
+        raise LogError(path, f"no events on evaluation day {to_date(day).isoformat()} (partition missing or empty)")
+    if count_rows(files) == 0:
+        raise LogError(path, f"no events on evaluation day {to_date(day).isoformat()} (its files hold 0 rows)")
+
+
+# ---------------------------------------------------------------- one file
+
+
+def open_file(path: str) -> pq.ParquetFile:
+    """Open and check the schema; a LogError for anything that is not a usable log file."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LogError(path, f"not a readable Parquet file (truncated or another format): {e}") from None
+    check_schema(pf.schema_arrow, path)
+    return pf
+
+
+def check_schema(schema: pa.Schema, path: str) -> None:
+    for name in (USER, ITEM, TS):
+        if name not in schema.names:
+            raise LogError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
+    for name in (USER, ITEM):
+        t = schema.field(name).type
+        if not pa.types.is_integer(t):
+            raise LogError(path, f"column '{name}' has type {t}, expected an integer type (int64)")
+    t = schema.field(TS).type
+    if not pa.types.is_timestamp(t):
+        raise LogError(path, f"column 'ts' has type {t}, expected timestamp with tz=UTC")
+    if t.tz not in _UTC_NAMES:
+        raise LogError(path, f"column 'ts' has type {t}; timestamps must be in UTC (tz='UTC'), not {t.tz!r}")
+
+
+def _normalise(batch: pa.RecordBatch, path: str) -> pa.Table:
+    """ids to int64, ts to timestamp[us, UTC]; extra columns untouched."""
+    table = pa.Table.from_batches([batch])
+    for name in (USER, ITEM):
+        col = table.column(name)
+        if col.type != pa.int64():
+            try:
+                col = col.cast(pa.int64())
+            except pa.ArrowInvalid as e:
+                raise LogError(path, f"column '{name}' has values that do not fit int64: {e}") from None
+            table = table.set_column(table.schema.get_field_index(name), name, col)
+    col = table.column(TS)
+    if col.type != TS_TYPE:
+        # ns -> us truncates; the tie rule then orders the events by item id
+        table = table.set_column(table.schema.get_field_index(TS), TS, col.cast(TS_TYPE, safe=False))
+    return table
+
+
+_REASONS = ("null value", "negative user_id", "item_id <= 0 (0 is padding)", "ts outside its day partition")
+
+
+def _bad_rows(table: pa.Table, lo_us: int) -> tuple[Optional[np.ndarray], Counter]:
+    """Mask of rows to keep (None: all good) and counts by first failing reason."""
+    user, item, ts = table.column(USER), table.column(ITEM), table.column(TS)
+    nulls = user.null_count + item.null_count + ts.null_count
+    if table.num_rows == 0:
+        return None, Counter()
+    ts_us = pc.cast(ts, pa.int64())
+    # Fast path: one min/max per column decides most batches.
+    if nulls == 0:
+        umin = pc.min(user).as_py()
+        imin = pc.min(item).as_py()
+        tmm = pc.min_max(ts_us)
+        if umin >= 0 and imin > 0 and tmm["min"].as_py() >= lo_us and tmm["max"].as_py() < lo_us + DAY_US:
+            return None, Counter()
+    u = user.to_numpy(zero_copy_only=False)
+    i = item.to_numpy(zero_copy_only=False)
+    t = ts_us.to_numpy(zero_copy_only=False)
+    null = np.zeros(table.num_rows, bool)
+    for col in (user, item, ts):
+        if col.null_count:
+            null |= col.is_null().to_numpy(zero_copy_only=False)
+    with np.errstate(invalid="ignore"):
+        checks = [null, u < 0, i <= 0, (t < lo_us) | (t >= lo_us + DAY_US)]
+    bad = np.zeros(table.num_rows, bool)
+    counts: Counter = Counter()
+    for reason, mask in zip(_REASONS, checks):
+        new = mask & ~bad  # each row counted once, under its first failing reason
+        if new.any():
+            counts[reason] = int(new.sum())
+            bad |= new
+    return ~bad, counts
+
+
+def iter_file(
+    f: LogFile,
+    *,
+    max_bad_fraction: float,
+    report: SkipReport,
+    columns: Optional[Sequence[str]] = None,
+    batch_rows: int = 1 << 20,
+) -> Iterator[pa.Table]:
+    """Stream one file's valid rows (row group by row group), normalised to LOG_SCHEMA types.
+
+    Bad rows are skipped and counted in `report`; once they exceed `max_bad_fraction` of the file's rows
+    the file stops the job with a LogError.
+    """
+    pf = open_file(f.path)
+    total = pf.metadata.num_rows
+    allowed = int(max_bad_fraction * total)
+    lo = day_start_us(f.day)
+    cols = None if columns is None else list(dict.fromkeys([USER, ITEM, TS, *columns]))
+    skipped: Counter = Counter()
+    try:
+        batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
+        for batch in batches:
+            table = _normalise(batch, f.path)
+            keep, counts = _bad_rows(table, lo)
+            if counts:
+                skipped.update(counts)
+                if sum(skipped.values()) > allowed:
+                    detail = ", ".join(f"{n} {r}" for r, n in skipped.items())
+                    raise LogError(
+                        f.path,
+                        f"bad rows ({detail}) exceed data.max_bad_fraction={max_bad_fraction} of its {total} rows"
+                        f" (partition day={f.day.isoformat()})",
+                    )
+                table = table.filter(pa.array(keep))
+            yield table
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LogError(f.path, f"corrupt Parquet data: {e}") from None
+    report.add(f.path, dict(skipped), total)
+
+
+def iter_log(
+    log_dir: PathLike,
+    start_day: Optional[DayLike] = None,
+    end_day: Optional[DayLike] = None,
+    *,
+    max_bad_fraction: float = 0.001,
+    report: Optional[SkipReport] = None,
+    columns: Optional[Sequence[str]] = None,
+) -> Iterator[pa.Table]:
+    """Stream the valid rows of days in [start_day, end_day), file by file, in (day, path) order."""
+    report = report if report is not None else SkipReport()
+    for f in list_files(log_dir, start_day, end_day):
+        yield from iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=columns)
+
+
+def ts_from_seconds(seconds: Iterable[float]) -> pa.Array:
+    """Unix seconds (int or float) to timestamp[us, UTC]."""
+    us = np.round(np.asarray(seconds, dtype=np.float64) * 1e6).astype(np.int64)
+    return pa.array(us, type=pa.int64()).cast(TS_TYPE)

@@ -1,0 +1,47 @@
+"""Item popularity over a training window, streamed from the log (used by popularity samplers and baselines)."""
+
+import datetime as dt
+from typing import Iterable, Optional, Union
+
+import numpy as np
+import pyarrow.compute as pc
+
+from data.schema import ITEM, DayLike, LogError, PathLike, SkipReport, iter_file, list_files, to_date
+
+
+def item_counts(
+    log_dir: PathLike,
+    days: Optional[Union[Iterable[DayLike], tuple]] = None,
+    num_items: int = 0,
+    *,
+    max_bad_fraction: float = 0.001,
+    report: Optional[SkipReport] = None,
+) -> np.ndarray:
+    """Events per item id over `days`, as int64 of shape (num_items + 1,); index 0 (padding) is always 0.
+
+    `days`: None for every day, or an iterable of days (dates or YYYY-MM-DD). Rows are validated like every
+    other reader (bad rows skipped and counted in `report`); an id above num_items is a LogError.
+    """
+    wanted = None if days is None else {to_date(d) for d in days}
+    report = report if report is not None else SkipReport()
+    counts = np.zeros(num_items + 1, np.int64)  # (num_items + 1,)
+    for f in list_files(log_dir):
+        if wanted is not None and f.day not in wanted:
+            continue
+        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[]):
+            ids = t.column(ITEM)
+            if len(ids) == 0:
+                continue
+            top = pc.max(ids).as_py()
+            if top > num_items:
+                raise LogError(f.path, f"item_id {top} is above num_items={num_items}")
+            counts += np.bincount(ids.to_numpy(), minlength=num_items + 1)
+    report.warn()
+    return counts
+
+
+def window_days(eval_day: DayLike, train_days: int, log_days: Iterable[dt.date]) -> list[dt.date]:
+    """The training days of a held-out split: [eval_day - train_days, eval_day), or every earlier day if 0."""
+    d = to_date(eval_day)
+    lo = d - dt.timedelta(days=train_days) if train_days else dt.date.min
+    return [x for x in log_days if lo <= x < d]
