@@ -34,6 +34,7 @@ class TrainingConfig:
     sparse_lr: float = 0.05
     grad_clip: float = 1.0  # 0 disables
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    max_failures: int = 0  # worker failures Ray Train recovers from (restarting from the latest checkpoint)
     log_every: int = 20
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -96,6 +97,7 @@ class OutputConfig:
     checkpoint_every: int = 0  # steps; 0 means only at the end of each epoch
     keep_checkpoints: int = 2
     export_embeddings: bool = False
+    callbacks: list[str] = field(default_factory=list)  # "module:Class" ray.train.UserCallback, e.g. MLflow
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -117,6 +119,12 @@ class Config:
                 f"training.positions='all' needs a causal mixer, but model.mixer='{self.model.mixer}' with "
                 f"model.padding='{self.model.padding}' lets position t see later inputs; "
                 "use model.padding=zero or training.positions=last"
+            )
+
+        if not self.data.path and self.data.synth.items > self.model.num_items:
+            raise ValueError(
+                f"data.synth.items={self.data.synth.items} exceeds model.num_items={self.model.num_items}: "
+                "the item table must hold every generated item"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,46 @@
+"""Ray Train callbacks (they run in the controller, on the head node).
+
+`MetricsLog` appends every report to OUT/metrics.jsonl. Further callbacks are named in
+`output.callbacks` as "module:Class" and built with no arguments, so MLflow, TensorBoard or any
+`ray.train.UserCallback` attaches by config, e.g. output.callbacks=["my_team.tracking:MlflowCallback"].
+"""
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.train import UserCallback
+
+from trainer.config import Config
+
+
+class MetricsLog(UserCallback):
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Optional[Any]) -> None:
+        record = {"time": time.time(), **(metrics[0] if metrics else {})}  # rank 0's view
+        if checkpoint is not None:
+            record["checkpoint"] = checkpoint.path
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+
+def load_callback(spec: str) -> UserCallback:
+    module_name, sep, cls_name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"output.callbacks entry {spec!r} must look like module.path:ClassName")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"output.callbacks entry {spec!r} cannot be loaded: {e}") from None
+    callback = cls()
+    if not isinstance(callback, UserCallback):
+        raise ValueError(f"output.callbacks entry {spec!r} is not a ray.train.UserCallback")
+    return callback
+
+
+def build_callbacks(cfg: Config, out: Path) -> list[UserCallback]:
+    return [MetricsLog(out / "metrics.jsonl"), *(load_callback(s) for s in cfg.output.callbacks)]

@@ -1,0 +1,115 @@
+"""Checkpoints through Ray Train: the sharded table (DCP), the DeepSpeed state, the loader position.
+
+Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
+directories into one checkpoint in storage and registers it only once every rank has reported, so a
+crash while saving leaves the previous checkpoint the latest. Each rank also writes a manifest of its
+files (size, CRC-32); loading verifies every manifest first, so a corrupt or incomplete checkpoint is
+reported by file name and never half-loaded.
+"""
+
+import json
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from trainer.config import Config
+
+# Settings a checkpoint's tensors depend on; any difference makes it unloadable.
+COMPATIBLE_KEYS = [
+    "model.num_items", "model.dim", "model.num_layers", "model.max_seq_len", "model.mixer", "model.kernel_size",
+    "model.num_heads", "model.ffn_mult", "distributed.num_workers", "distributed.zero_stage",
+    "distributed.precision", "distributed.sharding",
+]
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    return {key: _lookup(cfg, key) for key in COMPATIBLE_KEYS}
+
+
+def write_manifest(root: Path, rank: int) -> None:
+    files = {
+        str(p.relative_to(root)): {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+        for p in sorted(root.rglob("*")) if p.is_file()
+    }
+    manifest = root / "manifests" / f"rank{rank}.json"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(files, indent=1))
+
+
+def verify(root: Path, world_size: int) -> None:
+    """Raise CheckpointError unless every rank's manifest is present and every file matches it."""
+    for rank in range(world_size):
+        manifest = root / "manifests" / f"rank{rank}.json"
+        if not manifest.is_file():
+            raise CheckpointError(f"checkpoint {root} is incomplete: {manifest.name} from rank {rank} is missing")
+        for rel, want in json.loads(manifest.read_text()).items():
+            path = root / rel
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {root} is incomplete: {rel} (rank {rank}) is missing")
+            if path.stat().st_size != want["bytes"] or _crc32(path) != want["crc32"]:
+                raise CheckpointError(f"checkpoint {root} is corrupt: {rel} (rank {rank}) does not match its manifest")
+
+
+def check_compatible(root: Path, cfg: Config) -> None:
+    saved = json.loads((root / "meta.json").read_text())["fingerprint"]
+    now = fingerprint(cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
+    if diffs:
+        raise ValueError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, ctx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def save(self, state: dict[str, Any], table, engine, loader, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.ctx.rank}-") as tmp:
+            root = Path(tmp)
+            table.save(root / "table")  # collective: DCP, each rank its own shard files
+            engine.save_checkpoint(str(root / "dense"), tag="dense")  # collective
+            (root / "loader").mkdir()
+            (root / "loader" / f"rank{self.ctx.rank}.json").write_text(json.dumps(loader.state_dict()))
+            (root / "trainer").mkdir()
+            torch.save(state, root / "trainer" / f"rank{self.ctx.rank}.pt")
+            if self.ctx.rank == 0:
+                meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
+                        "step": state["step"], "epoch": state["epoch"]}
+                (root / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_manifest(root, self.ctx.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def load(self, checkpoint: "ray.train.Checkpoint", table, engine, loader) -> dict[str, Any]:
+        with checkpoint.as_directory() as tmp:
+            root = Path(tmp)
+            verify(root, self.ctx.world_size)
+            check_compatible(root, self.cfg)
+            table.load(root / "table")
+            engine.load_checkpoint(str(root / "dense"), tag="dense")
+            loader.load_state_dict(json.loads((root / "loader" / f"rank{self.ctx.rank}.json").read_text()))
+            state = torch.load(root / "trainer" / f"rank{self.ctx.rank}.pt", weights_only=False)
+        if self.ctx.rank == 0:
+            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']})", flush=True)
+        return state

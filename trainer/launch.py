@@ -1,0 +1,119 @@
+"""The driver: connect to Ray, prepare the data, run the TorchTrainer, add baselines, write results.json."""
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from data.loader import train_dataset
+from trainer.callbacks import build_callbacks
+from trainer.config import Config
+from trainer.prepare import prepare_data
+from trainer.report import write_results
+from trainer.worker import train_worker
+
+RUN_NAME = "train"
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join RAY_ADDRESS if set (a cluster, or a job's own cluster), else start a small local instance."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level="ERROR")
+    else:
+        cpus = os.cpu_count() or 1
+        # Workers take fractional CPUs so Ray Data's read tasks still get some (stack.md: a full
+        # reservation on 2 cores backpressures forever); check_resources refuses over-subscription.
+        ray.init(
+            num_cpus=cpus,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            logging_level="ERROR",
+            _node_ip_address="127.0.0.1",  # a local instance is reachable from this machine only
+        )
+    check_resources(cfg)
+
+
+def check_resources(cfg: Config) -> None:
+    total = ray.cluster_resources()
+    want_cpu = cfg.distributed.num_workers * cfg.distributed.cpus_per_worker
+    if want_cpu > total.get("CPU", 0):
+        raise ValueError(
+            f"distributed.num_workers={cfg.distributed.num_workers} x distributed.cpus_per_worker="
+            f"{cfg.distributed.cpus_per_worker} needs {want_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}"
+        )
+    if use_gpu(cfg) and cfg.distributed.num_workers > total.get("GPU", 0):
+        raise ValueError(
+            f"distributed.num_workers={cfg.distributed.num_workers} with GPUs needs as many GPUs; "
+            f"the Ray cluster has {total.get('GPU', 0):g}"
+        )
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.distributed.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= cfg.distributed.num_workers
+    return cfg.distributed.use_gpu == "yes"
+
+
+def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    out = Path(cfg.output.dir).resolve()
+    storage = out / "ray"
+    if not resume and (storage / RUN_NAME).exists():
+        raise ValueError(
+            f"{out} holds an earlier run; pass --resume to continue it, or set output.dir to a new directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    connect_ray(cfg)
+    phases["ray_start"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, out)
+    phases["data"] = time.perf_counter() - t0
+
+    gpu = use_gpu(cfg)
+    backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpu else "gloo")
+    resources = {"CPU": cfg.distributed.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_dict(), "data": data.to_dict()},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.training.max_failures),
+            callbacks=build_callbacks(cfg, out),
+        ),
+        datasets={"train": train_dataset(data.train_sequences), "eval": ray.data.read_parquet(data.eval_queries)},
+        # split both across workers; preserve_order keeps each worker's shard reproducible (exact resumption)
+        dataset_config=DataConfig(datasets_to_split=["train", "eval"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    phases["fit"] = time.perf_counter() - t0
+    worker_results = result.return_value
+    if worker_results is None:
+        raise RuntimeError(f"training finished without results; see the Ray logs under {storage / RUN_NAME}")
+
+    results = {
+        "config": cfg.to_dict(),
+        "data": data.summary(),
+        **worker_results,
+        "baselines": data.baselines,
+        "phases_s": {**phases, **data.phases_s, **worker_results.get("phases_s", {})},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    }
+    write_results(results, out)
+    return results

@@ -1,0 +1,203 @@
+"""One Ray Train worker. `Trainer.__init__` builds the stack in one fixed order:
+
+1. process group (created by Ray Train) -> DistContext: world size, ranks, device
+2. the model, single-device: SequenceEncoder (dense tower) from model/
+3. the item table: a TorchRec EmbeddingCollection sharded by DistributedModelParallel, with the
+   sparse optimizer fused into its backward
+4. DeepSpeed over the dense tower only (never over the TorchRec module: stack.md)
+5. this worker's shard of the training sequences
+6. the checkpointer, restoring when Ray Train hands back a checkpoint
+
+then `train()` and `evaluate()`.
+"""
+
+import resource
+import time
+from typing import Any, Optional
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from data.loader import make_loader
+from model.convformer import SequenceEncoder, last_hidden
+from model.losses import NegativeSampler, next_item_loss
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, from_dict
+from trainer.embeddings import ShardedItemTable
+from trainer.evaluate import EmbeddingScorer, EvalBatch, evaluate, lockstep
+from trainer.parallel import DistContext, engine_dtype, wrap_dense
+from trainer.prepare import PreparedData
+from trainer.queries import query_tensors
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    cfg = from_dict(Config, loop_config["config"])
+    data = PreparedData.from_dict(loop_config["data"])
+    return Trainer(cfg, data).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data: PreparedData) -> None:
+        self.cfg, self.data = cfg, data
+        self.phases: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # 1. Process group from Ray Train.
+        self.ctx = DistContext.from_process_group()
+
+        # 2. Model, single-device; the same seed on every rank gives the same dense init.
+        torch.manual_seed(cfg.training.seed)
+        encoder = SequenceEncoder(cfg.model)
+
+        # 3. Item table, sharded across workers (rows initialised from their global index, not the rank).
+        self.table = ShardedItemTable(cfg, self.ctx)
+
+        # 4. DeepSpeed over the dense tower.
+        self.engine = wrap_dense(encoder, cfg, self.ctx)
+
+        # 5. Data: this worker's shard; negatives drawn per rank from the training-window popularity.
+        self.loader = make_loader(
+            ray.train.get_dataset_shard("train"), seq_len=cfg.model.max_seq_len, batch_size=cfg.training.batch_size,
+            seed=cfg.training.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        self.dtype = engine_dtype(self.engine)
+        counts = torch.as_tensor(data.item_counts())
+        self.sampler = NegativeSampler(cfg.model.num_items, cfg.training.loss.sampler, counts)
+        self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
+
+        # 6. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
+        self.checkpointer = Checkpointer(cfg, self.ctx)
+        self.step = 0  # the loader keeps the epoch and the position within it
+        if (ckpt := ray.train.get_checkpoint()) is not None:
+            state = self.checkpointer.load(ckpt, self.table, self.engine, self.loader)
+            self.step = state["step"]
+            self.gen.set_state(state["generator"])
+        self.phases["build"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: Optional[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+        """One optimizer step; `batch` None means this rank has run out of data but must still
+        join the collectives. Returns the loss and the number of target events."""
+        if batch is None:  # all padding: no targets, but the same collectives as a real batch
+            batch = {"input_ids": torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long)}
+            batch["targets"] = batch["input_ids"]
+        ids = batch["input_ids"].to(self.ctx.device)  # (B, L)
+        targets = batch["targets"].to(self.ctx.device)  # (B, L)
+        item_emb = self.table.lookup(ids).to(self.dtype)  # (B, L, D)
+        hidden = self.engine(item_emb, ids != 0).float()  # (B, L, D)
+        loss = next_item_loss(
+            self.cfg.training.loss, hidden, targets, self.table.lookup, self.sampler,
+            self.cfg.training.positions, self.gen,
+        )
+        self.engine.backward(loss)  # also runs the table's fused sparse update
+        self.engine.step()
+        events = int((targets[:, -1:] if self.cfg.training.positions == "last" else targets).ne(0).sum())
+        return loss.detach(), events
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg.training
+        t_start = time.perf_counter()
+        events = sequences = 0
+        window_loss, window_n, window_t, window_events = 0.0, 0, time.perf_counter(), 0
+        while self.loader.epoch < cfg.epochs and not self._done():
+            self.engine.train()
+            for batch in lockstep(self.loader):  # ranks hold unequal data; all join every step
+                loss, n_events = self.train_step(batch)
+                if torch.isfinite(loss):
+                    window_loss += loss.item()
+                    window_n += 1
+                elif cfg.on_nonfinite_loss == "stop":
+                    raise NonFiniteLoss(
+                        f"non-finite loss {loss.item()} at step {self.step} (epoch {self.loader.epoch}, rank "
+                        f"{self.ctx.rank}); stopped before writing a checkpoint from this state"
+                    )
+                self.step += 1
+                events += n_events
+                window_events += n_events
+                sequences += 0 if batch is None else int(batch["input_ids"].shape[0])
+                if self.step % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    ray.train.report(self._progress(window_loss / max(window_n, 1), window_events / (now - window_t)))
+                    window_loss, window_n, window_t, window_events = 0.0, 0, now, 0
+                if self.cfg.output.checkpoint_every and self.step % self.cfg.output.checkpoint_every == 0:
+                    self.save()
+                if self._done():
+                    break
+            self.save()  # end of epoch (or of max_steps)
+        seconds = time.perf_counter() - t_start
+        self.phases["train"] = seconds
+        totals = torch.tensor([events, sequences], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(totals)
+        return {"events_per_s": totals[0].item() / seconds, "sequences_per_s": totals[1].item() / seconds,
+                "steps": self.step, "epochs_completed": self.loader.epoch}
+
+    def _done(self) -> bool:
+        return bool(self.cfg.training.max_steps) and self.step >= self.cfg.training.max_steps
+
+    def _progress(self, loss: float, local_events_per_s: float) -> dict[str, float]:
+        rate = torch.tensor([local_events_per_s], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(rate)
+        epoch = self.loader.epoch
+        metrics = {"step": self.step, "epoch": epoch, "loss": loss, "events_per_s": rate.item()}
+        if self.ctx.rank == 0:
+            print(f"step {self.step:>6}  epoch {epoch}  loss {loss:.4f}  {rate.item():,.0f} events/s", flush=True)
+        return metrics
+
+    def save(self) -> None:
+        progress = {"step": self.step, "epoch": self.loader.epoch}
+        state = {**progress, "generator": self.gen.get_state()}
+        self.checkpointer.save(state, self.table, self.engine, self.loader, metrics=progress)
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Full-catalogue ranking of the held-out day's queries; every rank scores its own rows."""
+        t0 = time.perf_counter()
+        self.engine.eval()
+        scorer = EmbeddingScorer.from_table(self.table)  # collective
+        shard = ray.train.get_dataset_shard("eval")
+        rows = shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="pyarrow")
+
+        def batches():
+            for part in lockstep(rows):
+                if part is None:  # this rank is done: still join the lookup collective
+                    self._encode(torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long))
+                    yield None
+                    continue
+                q = query_tensors(part, self.cfg.model.max_seq_len)
+                yield EvalBatch(self._encode(q["history"]), q["targets"].to(self.ctx.device),
+                                q["seen"].to(self.ctx.device), q["relevant"].to(self.ctx.device))
+
+        metrics = evaluate(scorer, batches(), self.cfg.eval.ks, self.cfg.model.dim, self.cfg.eval.exclude_seen)
+        self.phases["eval"] = time.perf_counter() - t0
+        return metrics
+
+    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
+        """User representations for histories (B, L) -> (B, D), through the sharded table."""
+        ids = ids.to(self.ctx.device)
+        hidden = self.engine(self.table.lookup(ids).to(self.dtype), ids != 0).float()  # (B, L, D)
+        return last_hidden(hidden, ids != 0)
+
+    # ------------------------------------------------------------------ the whole job
+
+    def run(self) -> dict[str, Any]:
+        throughput = self.train()
+        metrics = self.evaluate()
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], device=self.ctx.device)
+        peaks = [torch.zeros_like(peak) for _ in range(self.ctx.world_size)]
+        dist.all_gather(peaks, peak)
+        return {
+            "metrics": metrics,
+            "throughput": throughput,
+            "phases_s": self.phases,
+            "peak_memory_bytes_per_worker": [int(p.item()) for p in peaks],
+            "world_size": self.ctx.world_size,
+        }
