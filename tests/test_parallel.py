@@ -1,0 +1,290 @@
+"""TorchRec sharded table + DeepSpeed dense tower, on 2-process gloo groups, against 1 process.
+
+Each test runs a module-level worker function in fresh processes (tests/distributed_utils.py)
+and compares what the ranks return with a single-process or unsharded reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from model.config import LossConfig, ModelConfig
+from tests.distributed_utils import run_distributed
+from trainer.config import Config
+
+NUM_ITEMS = 49  # 50 rows: row-wise shards of equal size (25 + 25), needed by the broadcast trap test
+DIM = 16
+SEQ = 6
+PLANS = ["table_wise", "row_wise", "column_wise"]
+
+
+def small_config(sharding: str = "row_wise", zero: int = 0, precision: str = "fp32", batch: int = 4,
+                 **training: Any) -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(num_items=NUM_ITEMS, dim=DIM, num_layers=1, max_seq_len=SEQ, mixer="dwc",
+                            kernel_size=3, dropout=0.0, init_std=0.1)
+    cfg.distributed.sharding = sharding  # type: ignore[assignment]
+    cfg.distributed.zero_stage = zero
+    cfg.distributed.precision = precision  # type: ignore[assignment]
+    cfg.training.batch_size = batch
+    cfg.training.seed = 3
+    for key, value in training.items():
+        setattr(cfg.training, key, value)
+    return cfg
+
+
+def reference(cfg: Config) -> torch.Tensor:
+    from trainer.embeddings import reference_table
+
+    return reference_table(cfg.model.num_items, cfg.model.dim, cfg.training.seed, cfg.model.init_std)
+
+
+# ---------------------------------------------------------------- workers (run in child processes)
+
+
+def _lookup_worker(rank: int, world: int, sharding: str) -> dict[str, Any]:
+    from trainer.embeddings import ShardedItemTable
+    from trainer.parallel import DistContext
+
+    cfg = small_config(sharding)
+    table = ShardedItemTable(cfg, DistContext.from_process_group())
+    gen = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, NUM_ITEMS + 1, (3, 5), generator=gen)
+    ids[0, :2] = 0  # left padding
+    with torch.no_grad():
+        emb = table.lookup(ids)
+        empty = table.lookup(torch.zeros(0, dtype=torch.long))  # a rank with no ids still takes part
+    return {"ids": ids, "emb": emb, "empty": empty.shape, "full": table.gather_full(),
+            "placement": table.placement(), "local": [(s, w.clone()) for s, w in table.local_shards()],
+            "type": table.sharding_type}
+
+
+def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: int) -> dict[str, Any]:
+    """`steps` steps on a fixed global batch of `batch_total` sequences; rank r takes its contiguous split."""
+    from model.convformer import SequenceEncoder, last_hidden
+    from model.losses import NegativeSampler, next_item_loss
+    from trainer.embeddings import ShardedItemTable
+    from trainer.parallel import DistContext, engine_dtype, wrap_dense
+
+    ctx = DistContext.from_process_group()
+    table = ShardedItemTable(cfg, ctx)
+    init_local = [(s, w.clone()) for s, w in table.local_shards()]
+    torch.manual_seed(0)  # same dense init on every rank and world size
+    engine = wrap_dense(SequenceEncoder(cfg.model), cfg, ctx)
+    sampler = NegativeSampler(cfg.model.num_items)
+    per = batch_total // world
+    losses = []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(1000 + step)
+        ids = torch.randint(1, NUM_ITEMS + 1, (batch_total, SEQ + 1), generator=gen)
+        lengths = torch.randint(2, SEQ + 2, (batch_total,), generator=gen)
+        ids[torch.arange(SEQ + 1)[None, :] < (SEQ + 1 - lengths)[:, None]] = 0  # left padding
+        ids = ids[rank * per : (rank + 1) * per]
+        inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, L) each
+        emb = table.lookup(inputs)  # (B, L, D) fp32
+        hidden = engine(emb.to(engine_dtype(engine)), inputs != 0).float()
+        neg_gen = torch.Generator().manual_seed(2000 + step)  # same negatives on every rank
+        loss = next_item_loss(cfg.training.loss, hidden, targets, table.lookup, sampler, positions="last",
+                              generator=neg_gen)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    dense = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+    return {"dense": dense, "full": table.gather_full(), "losses": losses, "placement": table.placement(),
+            "momentum": _gather_sharded(next(iter(table.state_dict()["optimizer"]["state"].values())))
+            if table.sharding_type == "row_wise" else None,  # every rank holds state only when row-wise
+            "init_local": init_local, "local": [(s, w.clone()) for s, w in table.local_shards()],
+            "checkpoint_blocks": engine.module.checkpoint_blocks}
+
+
+def _gather_sharded(states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every ShardedTensor of an optimizer state as one full tensor (disjoint shards summed)."""
+    import torch.distributed as dist
+
+    out = {}
+    for name, st in states.items():
+        full = torch.zeros(st.size())
+        for shard in st.local_shards():
+            index = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+            full[index] = shard.tensor.view(shard.metadata.shard_sizes)
+        dist.all_reduce(full)
+        out[name] = full
+    return out
+
+
+def _broadcast_trap_worker(rank: int, world: int) -> dict[str, Any]:
+    """What happens when DeepSpeed is handed a module that CONTAINS the sharded table."""
+    import deepspeed
+
+    from model.convformer import SequenceEncoder
+    from trainer.embeddings import ShardedItemTable
+    from trainer.parallel import DistContext, deepspeed_config, init_deepspeed_comm, wrap_dense
+
+    cfg = small_config("row_wise")
+    ctx = DistContext.from_process_group()
+    table = ShardedItemTable(cfg, ctx)
+    before = [w.clone() for _, w in table.local_shards()]
+    try:  # our entry point refuses it
+        wrap_dense(torch.nn.ModuleDict({"table": table.dmp, "enc": SequenceEncoder(cfg.model)}), cfg, ctx)
+        refused = False
+    except ValueError:
+        refused = True
+    # ... and plain DeepSpeed shows why: rank 0's shard is broadcast over rank 1's
+    both = torch.nn.ModuleDict({"table": table.dmp, "enc": SequenceEncoder(cfg.model)})
+    init_deepspeed_comm(ctx)
+    opt = torch.optim.AdamW([p for p in both.parameters() if p.requires_grad], lr=1e-3)
+    deepspeed.initialize(model=both, optimizer=opt, config=deepspeed_config(cfg, ctx), dist_init_required=False)
+    after = [w.clone() for _, w in table.local_shards()]
+    return {"before": before, "after": after, "refused": refused}
+
+
+def _checkpoint_worker(rank: int, world: int, sharding: str, path: str) -> dict[str, Any]:
+    from trainer.embeddings import ShardedItemTable
+    from trainer.parallel import DistContext
+
+    cfg = small_config(sharding)
+    table = ShardedItemTable(cfg, DistContext.from_process_group())
+
+    def train_step(seed: int) -> None:
+        ids = torch.randint(1, NUM_ITEMS + 1, (8,), generator=torch.Generator().manual_seed(seed))
+        table.lookup(ids).pow(2).sum().backward()
+
+    def snapshot() -> list[torch.Tensor]:
+        state = table.state_dict()
+        tensors = [s.tensor.clone() for s in state["weight"].local_shards()]
+        for per_param in state["optimizer"]["state"].values():
+            for value in per_param.values():
+                tensors += [s.tensor.clone() for s in value.local_shards()] if hasattr(value, "local_shards") \
+                    else [torch.as_tensor(value).clone()]
+        return tensors
+
+    train_step(rank)  # non-trivial optimizer state
+    table.save(path)
+    saved = snapshot()
+    train_step(10 + rank)  # perturb weights and optimizer state
+    perturbed = snapshot()
+    table.load(path)
+    loaded = snapshot()
+    # the loaded state is live: one more identical step from it gives identical results
+    train_step(20 + rank)
+    after_a = snapshot()
+    table.load(path)
+    train_step(20 + rank)
+    after_b = snapshot()
+    return {"saved": saved, "perturbed": perturbed, "loaded": loaded, "after_a": after_a, "after_b": after_b}
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("sharding", PLANS)
+def test_sharded_lookup_equals_reference_table(sharding: str) -> None:
+    cfg = small_config(sharding)
+    ref = reference(cfg)
+    assert torch.count_nonzero(ref[0]) == 0 and torch.count_nonzero(ref[1:]) == ref[1:].numel()
+    two = run_distributed(_lookup_worker, 2, sharding)
+    one = run_distributed(_lookup_worker, 1, sharding)
+    for out in two + one:
+        assert out["type"] == sharding
+        assert torch.equal(out["emb"], ref[out["ids"]])  # padding id 0 -> the zero row
+        assert out["empty"] == (0, DIM)
+        assert torch.equal(out["full"], ref)  # 1 and 2 workers start from the identical table
+    # each rank holds exactly the planner's shards for it, filled from the reference
+    placement = two[0]["placement"]
+    assert placement == two[1]["placement"]
+    if sharding != "table_wise":
+        assert {s.rank for s in placement} == {0, 1}, placement  # really split over both ranks
+    for rank, out in enumerate(two):
+        planned = [s for s in placement if s.rank == rank]
+        assert [s for s, _ in out["local"]] == planned
+        for s, w in out["local"]:
+            assert torch.equal(w, ref[s.row0 : s.row0 + s.rows, s.col0 : s.col0 + s.cols])
+
+
+def test_deepspeed_must_not_wrap_the_table() -> None:
+    out = run_distributed(_broadcast_trap_worker, 2)
+    assert out[0]["refused"] and out[1]["refused"]
+    (r0_before,), (r1_before,) = out[0]["before"], out[1]["before"]
+    (r0_after,), (r1_after,) = out[0]["after"], out[1]["after"]
+    assert not torch.equal(r0_before, r1_before)  # distinct rows before
+    assert torch.equal(r0_after, r0_before)
+    # The trap: DeepSpeed's initial broadcast copied rank 0's rows over rank 1's shard.
+    assert torch.equal(r1_after, r0_before), "DeepSpeed no longer broadcasts module params; revisit stack.md"
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_two_workers_match_one_worker(zero: int) -> None:
+    """Split batches on 2 ranks == the full batch on 1 rank: dense params, table, loss."""
+    steps, batch_total = 3, 8
+    cfg2 = small_config("row_wise", zero=zero, batch=batch_total // 2, loss=LossConfig(num_negatives=16))
+    cfg1 = small_config("row_wise", zero=zero, batch=batch_total, loss=LossConfig(num_negatives=16))
+    two = run_distributed(_train_worker, 2, cfg2, steps, batch_total)
+    (one,) = run_distributed(_train_worker, 1, cfg1, steps, batch_total)
+    # dense parameters identical across ranks (DeepSpeed averaged the gradients)
+    assert torch.equal(two[0]["dense"], two[1]["dense"])
+    torch.testing.assert_close(two[0]["dense"], one["dense"], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(one["dense"], run_init_dense(cfg1))  # it did train
+    # the table: shards stay where the planner put them, distinct per rank, equal to 1 worker's
+    assert torch.equal(two[0]["full"], two[1]["full"])
+    torch.testing.assert_close(two[0]["full"], one["full"], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(one["full"], reference(cfg1))
+    for rank, out in enumerate(two):
+        planned = [s for s in out["placement"] if s.rank == rank]
+        assert [s for s, _ in out["local"]] == planned
+        for s, w in out["local"]:
+            assert torch.equal(w, out["full"][s.row0 : s.row0 + s.rows, s.col0 : s.col0 + s.cols])
+    assert not torch.equal(two[0]["local"][0][1][:20], two[1]["local"][0][1][:20])
+    # the sparse optimizer saw the same gradients (row-wise Adagrad's update hides a constant
+    # factor on the gradient, its accumulated state does not)
+    assert two[0]["momentum"].keys() == one["momentum"].keys()
+    for name, value in one["momentum"].items():
+        assert value.abs().sum() > 0
+        torch.testing.assert_close(two[0]["momentum"][name], value, rtol=1e-4, atol=1e-9)
+    # the per-rank losses average to the full-batch loss
+    mean_loss = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"])]
+    assert mean_loss == pytest.approx(one["losses"], rel=1e-4)
+
+
+def run_init_dense(cfg: Config) -> torch.Tensor:
+    from model.convformer import SequenceEncoder
+
+    torch.manual_seed(0)
+    return torch.cat([p.detach().flatten() for p in SequenceEncoder(cfg.model).parameters()])
+
+
+@pytest.mark.parametrize("sharding", ["column_wise", "table_wise"])
+def test_bf16_with_checkpointing_trains_and_stays_finite(sharding: str) -> None:
+    cfg = small_config(sharding, zero=1, precision="bf16")
+    cfg.distributed.activation_checkpointing = True
+    two = run_distributed(_train_worker, 2, cfg, 2, 8)
+    for out in two:
+        assert out["checkpoint_blocks"]
+        assert all(torch.isfinite(torch.tensor(out["losses"])))
+        assert torch.isfinite(out["dense"]).all() and torch.isfinite(out["full"]).all()
+    assert torch.equal(two[0]["dense"], two[1]["dense"])
+    assert not torch.equal(two[0]["full"], reference(cfg))
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "column_wise"])
+def test_checkpoint_round_trip(sharding: str, tmp_path: Any) -> None:
+    out = run_distributed(_checkpoint_worker, 2, sharding, str(tmp_path / "table"))
+    for rank_out in out:
+        saved, perturbed, loaded = rank_out["saved"], rank_out["perturbed"], rank_out["loaded"]
+        assert len(saved) >= 2  # weights and optimizer state
+        assert any(not torch.equal(a, b) for a, b in zip(saved, perturbed))
+        for a, b in zip(saved, loaded):
+            assert torch.equal(a, b)
+        for a, b in zip(rank_out["after_a"], rank_out["after_b"]):
+            assert torch.equal(a, b)
+
+
+def test_sparse_adam_is_refused_on_cpu() -> None:
+    from trainer.embeddings import fused_params
+
+    cfg = small_config(sparse_optimizer="adam")
+    with pytest.raises(ValueError, match="sparse_optimizer"):
+        fused_params(cfg, "cpu")
+    assert fused_params(cfg, "cuda")["learning_rate"] == cfg.training.sparse_lr
