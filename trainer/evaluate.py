@@ -1,0 +1,314 @@
+"""Distributed full-catalogue ranking on the held-out day.
+
+Every rank holds a block of full-width item rows [start, stop) (`ShardedItemTable.row_block`:
+row-wise shards as they are; table- and column-wise tables redistributed into an even row split,
+because a column shard alone cannot score an item). Per batch of queries:
+
+1. all-gather the queries (B_r, D) of every rank -> (Q, D), with targets and seen lists;
+2. the target's score: its owner computes it, an all-reduce (sum of one non-zero) shares it;
+3. each rank scores all Q queries against its rows in chunks, counting the items ranked ahead
+   of the target and keeping its own top-k;
+4. all-reduce the counts -> exact rank; all-gather the top-k lists and merge -> global top-k.
+Queries are small (Q x D) and the table is large, so moving queries is the cheap direction;
+no rank ever holds the whole table or a (Q, num_items) score matrix.
+
+Order and ties: items are ordered by (score descending, item id ascending), a total order, so
+rank = 1 + #{items with a higher score} + #{items with an equal score and a smaller id}, and the
+target is in the top-k exactly when rank <= k. Ties therefore cost the target (vs. the optimistic
+"1 + strictly higher") only against smaller ids; a constant scorer ranks by id, not at 1.
+Excluded items (padding row 0 always; a query's already-seen items when asked, except its own
+target) score -inf and are never ahead of the target; in top-k lists they appear as id -1.
+
+Every function here is a collective: all ranks call it with the same number of batches. Query
+computation uses table lookups (also collectives), so drive the batches with `lockstep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from trainer.metrics import MetricSums
+
+if TYPE_CHECKING:
+    from trainer.embeddings import ShardedItemTable
+
+NEG_INF = float("-inf")
+T = TypeVar("T")
+
+
+@dataclass
+class EvalBatch:
+    """One rank's queries. Id lists are padded with 0 (never an item)."""
+
+    queries: torch.Tensor  # (B, D) user representations
+    targets: torch.Tensor  # (B,) held-out item ids, >= 1
+    seen: Optional[torch.Tensor] = None  # (B, S) items to exclude (when exclude_seen)
+    relevant: Optional[torch.Tensor] = None  # (B, R) all of the held-out day's items, for recall
+
+    @classmethod
+    def empty(cls, dim: int, device: Optional[torch.device] = None) -> "EvalBatch":
+        device = device or comm_device()
+        return cls(torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device))
+
+
+class Scorer(Protocol):
+    """Scores queries against this rank's items [start, stop)."""
+
+    start: int
+    stop: int
+
+    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """(Q, D) -> (Q, hi - lo) for items lo..hi-1, start <= lo < hi <= stop."""
+        ...
+
+    def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(N, D), (N,) ids in [start, stop) -> (N,) score of each query with its item."""
+        ...
+
+
+class EmbeddingScorer:
+    """Dot products against full-width rows `weight` = items start..start+n-1, in fp32."""
+
+    def __init__(self, start: int, weight: torch.Tensor) -> None:
+        self.start, self.stop = start, start + weight.shape[0]
+        self.weight = weight.float()  # (n, D)
+
+    @classmethod
+    def from_table(cls, table: "ShardedItemTable") -> "EmbeddingScorer":
+        start, weight = table.row_block()  # collective
+        return cls(start, weight)
+
+    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return queries.float() @ self.weight[lo - self.start : hi - self.start].T
+
+    def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return (queries.float() * self.weight[ids - self.start]).sum(-1)
+
+
+class PopularityScorer:
+    """Every query scores item i by its training-window count (float64: exact for any count)."""
+
+    def __init__(self, counts: torch.Tensor, start: int, stop: int) -> None:
+        self.counts = counts.double()  # (num_items + 1,)
+        self.start, self.stop = start, stop
+
+    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return self.counts[lo:hi].expand(queries.shape[0], -1)
+
+    def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.counts[ids]
+
+
+def comm_device() -> torch.device:
+    """Where collective tensors live: CUDA under nccl, CPU under gloo (or without a group)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def even_split(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    per = (num_rows + world_size - 1) // world_size
+    return min(rank * per, num_rows), min((rank + 1) * per, num_rows)
+
+
+# ---------------------------------------------------------------- top-k under the total order
+
+
+def order_topk(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best k of each row by (value desc, id asc). values, ids: (Q, M) -> (Q, min(k, M))."""
+    by_id = ids.argsort(dim=1, stable=True)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    by_value = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), ids.gather(1, by_value)
+
+
+def chunk_topk(scores: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of (Q, n) scores for items lo..lo+n-1 under the total order, exact at tied boundaries.
+
+    torch.topk may keep any of several items tied with the k-th value; we keep the smallest ids.
+    """
+    q, n = scores.shape
+    ids = torch.arange(lo, lo + n, device=scores.device).expand(q, n)
+    if n <= k:
+        return order_topk(scores, ids, k)
+    kth = scores.topk(k, dim=1).values[:, -1:]  # (Q, 1)
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(1, keepdim=True)  # tied slots left
+    keep = above | (tied & (tied.cumsum(1) <= room))  # exactly k per row
+    cols = keep.nonzero()[:, 1].view(q, k)  # row-major, so rows stay together
+    return order_topk(scores.gather(1, cols), ids.gather(1, cols), k)
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: list[int], fill: float | int = 0) -> torch.Tensor:
+    """Concatenate every rank's (B_r, ...) tensor along dim 0; B_r may differ (`sizes`)."""
+    world = len(sizes)
+    if world == 1:
+        return x
+    pad = x.new_full((max(sizes), *x.shape[1:]), fill)
+    pad[: x.shape[0]] = x
+    parts = [torch.empty_like(pad) for _ in range(world)]
+    dist.all_gather(parts, pad)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(rows, width, dtype=torch.long, device=device)
+    if x is not None and x.numel():
+        out[:, : x.shape[1]] = x
+    return out
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def lockstep(batches: Iterable[T]) -> Iterator[Optional[T]]:
+    """Yield this rank's items while ANY rank has one; None once this rank has run out.
+
+    Ranks rarely hold equal numbers of eval batches; lookups and ranking are collectives, so
+    an exhausted rank keeps taking part with empty batches until every rank is done.
+    """
+    it = iter(batches)
+    while True:
+        item = next(it, None)
+        more = torch.tensor([int(item is not None)], device=comm_device())
+        _all_reduce(more)
+        if int(more) == 0:
+            return
+        yield item
+
+
+# ---------------------------------------------------------------- ranking
+
+
+@dataclass
+class RankResult:
+    ranks: torch.Tensor  # (B,) 1-based rank of each local query's target
+    topk_ids: torch.Tensor  # (B, k) best first; -1 for excluded/empty slots
+    topk_scores: torch.Tensor  # (B, k)
+
+
+def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = False,
+               max_chunk_elems: int = 1 << 24) -> RankResult:
+    """Exact ranks and top-k for this rank's queries, scoring all ranks' queries. Collective."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    me = dist.get_rank() if dist.is_initialized() else 0
+    dev = comm_device()
+    b = batch.queries.shape[0]
+    if b and int(batch.targets.min()) < 1:
+        raise ValueError("targets must be item ids >= 1 (0 is padding)")
+    sizes_t = torch.zeros(world, dtype=torch.long, device=dev)
+    seen_w = batch.seen.shape[1] if exclude_seen and batch.seen is not None else 0
+    sizes_t[me] = b
+    widths = torch.zeros(world, dtype=torch.long, device=dev)
+    widths[me] = seen_w
+    both = _all_reduce(torch.stack([sizes_t, widths]))
+    sizes, width = both[0].tolist(), int(both[1].max())
+    offset = sum(sizes[:me])
+
+    queries = _all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
+    targets = _all_gather_rows(batch.targets.long().to(dev), sizes)  # (Q,)
+    seen = _all_gather_rows(_pad_cols(batch.seen if exclude_seen else None, b, width, dev), sizes)  # (Q, S)
+    total = queries.shape[0]
+
+    # 2. the target's score, from its owner
+    owned = (targets >= scorer.start) & (targets < scorer.stop)
+    target_score = torch.zeros(total, dtype=torch.float64, device=dev)
+    if owned.any():
+        target_score[owned] = scorer.pair_scores(queries[owned], targets[owned]).double()
+    _all_reduce(target_score)
+
+    # 3. this rank's items, in chunks of at most max_chunk_elems scores
+    ahead = torch.zeros(total, dtype=torch.long, device=dev)
+    top_s: Optional[torch.Tensor] = None
+    top_i: Optional[torch.Tensor] = None
+    step = max(1, max_chunk_elems // max(total, 1))
+    for lo in range(scorer.start, scorer.stop, step):
+        hi = min(lo + step, scorer.stop)
+        if total == 0:
+            break
+        s = scorer.scores(queries, lo, hi).contiguous()  # (Q, n); copies only an expanded view
+        if lo == 0:
+            s[:, 0] = NEG_INF  # padding row
+        if width:
+            _mask_seen(s, seen, targets, lo, hi)
+        t = target_score.to(s.dtype)[:, None]  # (Q, 1)
+        ids = torch.arange(lo, hi, device=dev)[None, :]  # (1, n)
+        is_ahead = (s > t) | ((s == t) & (ids < targets[:, None]))
+        is_ahead &= ids != targets[:, None]  # never against itself (its chunk score may differ by an ulp)
+        ahead += is_ahead.sum(1)
+        cs, ci = chunk_topk(s, lo, k)
+        if top_s is None:
+            top_s, top_i = cs.double(), ci
+        else:
+            top_s, top_i = order_topk(torch.cat([top_s, cs.double()], 1), torch.cat([top_i, ci], 1), k)
+
+    # 4. combine across ranks
+    _all_reduce(ahead)
+    local_s = torch.full((total, k), NEG_INF, dtype=torch.float64, device=dev)
+    local_i = torch.full((total, k), -1, dtype=torch.long, device=dev)
+    if top_s is not None:
+        local_s[:, : top_s.shape[1]], local_i[:, : top_i.shape[1]] = top_s, top_i  # type: ignore[index]
+    all_s, all_i = _gather_cols(local_s, world), _gather_cols(local_i, world)  # (Q, W*k)
+    top_s, top_i = order_topk(all_s, all_i, k)
+    top_i = top_i.masked_fill(top_s == NEG_INF, -1)
+    mine = slice(offset, offset + b)
+    return RankResult(ranks=1 + ahead[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
+
+
+def _mask_seen(s: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor, lo: int, hi: int) -> None:
+    """-inf at each query's seen items within [lo, hi), except the query's own target."""
+    inside = (seen >= lo) & (seen < hi) & (seen != 0) & (seen != targets[:, None])  # (Q, S)
+    rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(seen)
+    s[rows[inside], seen[inside] - lo] = NEG_INF
+
+
+def _gather_cols(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=1)
+
+
+def evaluate(scorer: Scorer, batches: Iterable[Optional[EvalBatch]], ks: Sequence[int], dim: int,
+             exclude_seen: bool = False, max_chunk_elems: int = 1 << 24) -> dict[str, float]:
+    """HR@k, NDCG@k, MRR and recall@k over all ranks' queries; the same dict on every rank.
+
+    `batches` must have the same length on every rank (None = an empty batch; see `lockstep`).
+    """
+    k = max(ks)
+    sums = MetricSums(ks)
+    for batch in batches:
+        batch = batch if batch is not None else EvalBatch.empty(dim)
+        result = rank_batch(scorer, batch, k, exclude_seen, max_chunk_elems)
+        sums.add_ranks(result.ranks)
+        if batch.relevant is not None:
+            sums.add_recall(result.topk_ids, batch.relevant)
+    return reduce_sums(sums).means()
+
+
+def reduce_sums(sums: MetricSums) -> MetricSums:
+    """Sum every rank's MetricSums (collective; names must match across ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return sums
+    names: list[Optional[list[str]]] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, sorted(sums.sums))
+    all_names = sorted(set().union(*[set(n or []) for n in names]))
+    vec = torch.tensor([[sums.sums.get(n, 0.0), float(sums.counts.get(n, 0))] for n in all_names],
+                       dtype=torch.float64, device=comm_device()).reshape(-1, 2)
+    dist.all_reduce(vec)
+    out = MetricSums(sums.ks)
+    for n, (total, count) in zip(all_names, vec.cpu().tolist()):
+        out.sums[n], out.counts[n] = total, int(count)
+    return out
