@@ -54,12 +54,10 @@ def detect_format(path: str) -> str:
 
 
 def _read_plain(path: str, delimiter: str, columns: list[str]) -> pa.Table:
-    names = [f"c{i}" for i in range(len(columns))]
-    opts = pcsv.ReadOptions(column_names=names)
-    conv = pcsv.ConvertOptions(column_types={n: pa.string() for n in names[:2]})  # ids as tokens
+    opts = pcsv.ReadOptions(column_names=columns)
+    conv = pcsv.ConvertOptions(column_types={"user": pa.string(), "item": pa.string()})  # ids are tokens
     parse = pcsv.ParseOptions(delimiter=delimiter, quote_char=False)
-    t = pcsv.read_csv(path, read_options=opts, parse_options=parse, convert_options=conv)
-    return t.rename_columns(columns)
+    return pcsv.read_csv(path, read_options=opts, parse_options=parse, convert_options=conv)
 
 
 def read_ratings(path: str, fmt: str) -> pa.Table:

@@ -1,0 +1,144 @@
+"""Training loader: windows, determinism, exact resumption (in process and inside Ray Train), KJT helper."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import SynthConfig
+from data.loader import WindowLoader, cut_windows, data_config, to_kjt, train_dataset
+from data.sequences import build_sequences, list_parts, read_sequences
+from data.synth import generate
+
+L, B = 8, 16
+
+
+def test_windows_cover_every_transition_once_left_padded():
+    off = np.array([0, 1, 3, 13])  # users with 1, 2 and 10 events
+    items = np.array([5, 6, 7, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29])
+    user, inp, tgt = cut_windows(np.array([1, 2, 3]), off, items, seq_len=4)
+    assert user.tolist() == [2, 3, 3, 3]
+    assert inp.tolist() == [[0, 0, 0, 6], [25, 26, 27, 28], [21, 22, 23, 24], [0, 0, 0, 20]]
+    assert tgt.tolist() == [[0, 0, 0, 7], [26, 27, 28, 29], [22, 23, 24, 25], [0, 0, 0, 21]]
+
+
+@pytest.fixture(scope="module")
+def seq_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    cfg = SynthConfig(users=300, items=200, days=2, seed=4, events_per_user=30, users_per_chunk=100, workers=1)
+    generate(cfg, root / "log")
+    build_sequences(root / "log", root / "seq", backend="arrow", rows_per_bucket=3000)  # several shards
+    return root / "seq"
+
+
+def _pairs(batches) -> Counter:
+    """Multiset of (user, input, target) over the non-padding positions."""
+    out: Counter = Counter()
+    for b in batches:
+        for u, i, t in zip(b["user_ids"].tolist(), b["input_ids"].tolist(), b["targets"].tolist()):
+            out.update((u, a, c) for a, c in zip(i, t) if a)
+    return out
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+def test_epoch_holds_every_transition_and_shapes(seq_dir):
+    seqs = read_sequences(seq_dir)
+    off, items = list_parts(seqs.column("item_ids"))
+    users = seqs.column("user_id").to_numpy()
+    want = Counter((int(users[r]), int(items[j]), int(items[j + 1]))
+                   for r in range(len(users)) for j in range(off[r], off[r + 1] - 1))
+    batches = list(WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=0, shuffle_buffer=64))
+    assert _pairs(batches) == want
+    assert all(b["input_ids"].shape == (B, L) and b["input_ids"].dtype == torch.int64 for b in batches[:-1])
+    assert all(((b["input_ids"] == 0) == (b["targets"] == 0)).all() for b in batches)
+
+
+def test_deterministic_per_seed_and_epoch(seq_dir):
+    a = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64)
+    e0, e1 = list(a), list(a)
+    assert _same(e0, list(WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64)))
+    assert not _same(e0, e1) and _pairs(e0) == _pairs(e1)  # reshuffled each epoch, same content
+    assert not _same(e0, list(WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=4, shuffle_buffer=64)))
+
+
+def _check_resume(make, stop_at: int, epochs: int = 2) -> None:
+    full = make()
+    want = [b for _ in range(epochs) for b in full]  # uninterrupted epochs
+    first = make()
+    got = []
+    for batch in first:
+        got.append(batch)
+        if len(got) == stop_at:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint would store it
+    assert state["epoch"] == 0 and state["batches_consumed"] == stop_at
+    resumed = make()
+    resumed.load_state_dict(state)
+    got += [b for _ in range(epochs) for b in resumed]  # the rest of epoch 0, then the next ones
+    assert _same(got, want)
+
+
+def test_restored_loader_yields_exactly_the_uninterrupted_batches(seq_dir):
+    _check_resume(lambda: WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100), stop_at=7)
+
+
+def test_restore_with_a_ray_dataset_source(seq_dir, ray_local):
+    ds = train_dataset(seq_dir)
+    make = lambda: WindowLoader(ds, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100, read_rows=64)  # noqa: E731
+    _check_resume(make, stop_at=5, epochs=1)  # each pass is a Ray Data job: keep them few
+
+
+def test_state_from_another_seed_is_refused(seq_dir):
+    loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=1)
+    with pytest.raises(ValueError, match="seed"):
+        loader.load_state_dict({"epoch": 0, "batches_consumed": 3, "seed": 2})
+
+
+def _worker(config: dict) -> None:
+    """Ray Train worker: read its shard, then check a restored loader replays the same batches."""
+    import ray.train
+
+    from data.loader import WindowLoader
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    kw = dict(seq_len=config["L"], batch_size=config["B"], seed=9, shuffle_buffer=50, rank=rank,
+              world_size=ctx.get_world_size(), read_rows=32)
+    full = [{k: v.tolist() for k, v in b.items()} for b in WindowLoader(shard, **kw)]
+    resumed = WindowLoader(shard, **kw)
+    resumed.load_state_dict({"epoch": 0, "batches_consumed": 2, "seed": 9})
+    rest = [{k: v.tolist() for k, v in b.items()} for b in resumed]
+    with open(f"{config['out']}/rank{rank}.json", "w") as f:
+        json.dump({"full": full, "rest": rest}, f)
+
+
+def test_ray_train_shards_cover_the_data_and_resume(seq_dir, tmp_path, ray_local):
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"L": L, "B": B, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": train_dataset(seq_dir)},
+        dataset_config=data_config(),
+    )
+    trainer.fit()
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for res in results:
+        assert len(res["full"]) > 2 and res["rest"] == res["full"][2:]
+    got = _pairs({k: torch.tensor(v) for k, v in b.items()} for res in results for b in res["full"])
+    assert got == _pairs(WindowLoader(seq_dir, seq_len=L, batch_size=B))
+
+
+def test_keyed_jagged_tensor_keeps_padding_positions():
+    ids = torch.tensor([[0, 0, 3], [4, 5, 6]])
+    kjt = to_kjt(ids)
+    assert kjt.keys() == ["item"]
+    assert kjt.lengths().tolist() == [3, 3] and kjt.values().tolist() == [0, 0, 3, 4, 5, 6]
