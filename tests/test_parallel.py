@@ -100,6 +100,38 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: i
             "checkpoint_blocks": engine.module.checkpoint_blocks}
 
 
+def _empty_rank_worker(rank: int, world: int, loss_scale: float) -> dict[str, Any]:
+    """Rank 1 runs out of data (an all-padding batch) while rank 0 still trains: both must join
+    every collective (lookups in forward, their all-to-alls in backward, DeepSpeed's reductions).
+    Run alone (world 1) with loss_scale 1/2, rank 0's batch is the reference."""
+    from model.convformer import SequenceEncoder
+    from model.losses import NegativeSampler, next_item_loss
+    from trainer.embeddings import ShardedItemTable
+    from trainer.parallel import DistContext, wrap_dense
+
+    cfg = small_config("row_wise", loss=LossConfig(num_negatives=8))
+    ctx = DistContext.from_process_group()
+    table = ShardedItemTable(cfg, ctx)
+    torch.manual_seed(0)
+    engine = wrap_dense(SequenceEncoder(cfg.model), cfg, ctx)
+    sampler = NegativeSampler(cfg.model.num_items)
+    ids = torch.randint(1, NUM_ITEMS + 1, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
+    if rank == 1:
+        ids.zero_()
+    losses = []
+    for _ in range(2):
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        hidden = engine(table.lookup(inputs), inputs != 0)
+        loss = next_item_loss(cfg.training.loss, hidden, targets, table.lookup, sampler, positions="all",
+                              generator=torch.Generator().manual_seed(9))
+        engine.backward(loss * loss_scale)
+        engine.step()
+        losses.append(loss.item())
+    table.check_lockstep()
+    return {"losses": losses, "dense": torch.cat([p.detach().flatten() for p in engine.module.parameters()]),
+            "full": table.gather_full()}
+
+
 def _gather_sharded(states: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every ShardedTensor of an optimizer state as one full tensor (disjoint shards summed)."""
     import torch.distributed as dist
@@ -288,3 +320,14 @@ def test_sparse_adam_is_refused_on_cpu() -> None:
     with pytest.raises(ValueError, match="sparse_optimizer"):
         fused_params(cfg, "cpu")
     assert fused_params(cfg, "cuda")["learning_rate"] == cfg.training.sparse_lr
+
+
+def test_a_rank_without_data_still_joins_the_step() -> None:
+    """Mean of (rank 0's loss, nothing) == rank 0's batch alone at half the loss."""
+    out = run_distributed(_empty_rank_worker, 2, 1.0, timeout=90)
+    (alone,) = run_distributed(_empty_rank_worker, 1, 0.5, timeout=90)
+    assert out[1]["losses"] == [0.0, 0.0]
+    assert out[0]["losses"] == pytest.approx(alone["losses"], rel=1e-5)
+    assert torch.equal(out[0]["dense"], out[1]["dense"])
+    torch.testing.assert_close(out[0]["dense"], alone["dense"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out[0]["full"], alone["full"], rtol=1e-4, atol=1e-5)

@@ -208,6 +208,7 @@ class ShardedItemTable:
         self.plan = plan_table(module, sharder, ctx, cfg)
         self.sharding: ParameterSharding = self.plan.get_plan_for_module("")[TABLE]  # type: ignore[index]
         self.dmp = DistributedModelParallel(module, device=ctx.device, plan=self.plan, sharders=[sharder])
+        self.num_lookups = 0  # see check_lockstep
         self.init_weights(cfg.training.seed, m.init_std)
 
     @property
@@ -293,6 +294,7 @@ class ShardedItemTable:
         Id 0 (padding) is not sent to TorchRec and comes back as exact zeros, so row 0 is never
         read or trained.
         """
+        self.num_lookups += 1
         flat = ids.reshape(-1).to(self.ctx.device)
         keep = flat != 0  # (n,)
         lengths = keep.to(torch.int32)  # one "sample" per position, 0 or 1 ids
@@ -305,6 +307,18 @@ class ShardedItemTable:
 
     __call__ = lookup
 
+    def check_lockstep(self) -> None:
+        """Raise if the ranks have made different numbers of lookups (collective).
+
+        A rank that skips a lookup does not always hang: gloo pairs its next collective with the
+        peer's pending one and training continues on garbage. Call this now and then (e.g. at
+        checkpoints) to catch that.
+        """
+        counts: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(counts, self.num_lookups)
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"ranks made different numbers of table lookups: {counts}")
+
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
@@ -316,7 +330,11 @@ class ShardedItemTable:
         dcp.save(self.state_dict(), checkpoint_id=path)
 
     def load(self, path: str) -> None:
-        """Collective: read `path` into the live shards (any plan on the same world size... and back)."""
+        """Collective: read `path` into the live shards and the fused optimizer state.
+
+        Tested with the same plan and world size as at save time; DCP can reshard ShardedTensors
+        in principle, but loading into a different plan is untested here.
+        """
         state = self.state_dict()
         dcp.load(state, checkpoint_id=path)
         self.dmp.fused_optimizer.load_state_dict(state["optimizer"])
