@@ -46,7 +46,8 @@ def make_data(kind: str) -> dict[str, Any]:
     return {"table": table, "counts": counts, "batches": batches}
 
 
-def brute_force(scores: torch.Tensor, batch: EvalBatch, k: int, exclude_seen: bool) -> tuple[list[int], list[list[int]]]:
+def brute_force(scores: torch.Tensor, batch: EvalBatch, k: int,
+                exclude_seen: bool) -> tuple[list[int], list[list[int]]]:
     """Ranks and top-k ids by sorting every item of every query, (score desc, id asc)."""
     ranks, tops = [], []
     for q in range(scores.shape[0]):
@@ -153,3 +154,17 @@ def test_targets_must_be_items() -> None:
     scorer = EmbeddingScorer(0, torch.zeros(5, 2))
     with pytest.raises(ValueError, match="targets"):
         rank_batch(scorer, EvalBatch(torch.zeros(1, 2), torch.tensor([0])), 3)
+
+
+def _overlap_worker(rank: int, world: int) -> str:
+    scorer = PopularityScorer(torch.arange(10.0), 0, 10)  # every rank claims every item: wrong
+    try:
+        rank_batch(scorer, EvalBatch(torch.zeros(1, 1), torch.tensor([3])), 2)
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def test_overlapping_item_ranges_are_refused() -> None:
+    for message in run_distributed(_overlap_worker, 2):
+        assert "overlap" in message

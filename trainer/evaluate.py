@@ -207,14 +207,12 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     b = batch.queries.shape[0]
     if b and int(batch.targets.min()) < 1:
         raise ValueError("targets must be item ids >= 1 (0 is padding)")
-    sizes_t = torch.zeros(world, dtype=torch.long, device=dev)
     seen_w = batch.seen.shape[1] if exclude_seen and batch.seen is not None else 0
-    sizes_t[me] = b
-    widths = torch.zeros(world, dtype=torch.long, device=dev)
-    widths[me] = seen_w
-    both = _all_reduce(torch.stack([sizes_t, widths]))
-    sizes, width = both[0].tolist(), int(both[1].max())
-    offset = sum(sizes[:me])
+    info = torch.zeros(4, world, dtype=torch.long, device=dev)  # per rank: batch size, seen width, item range
+    info[:, me] = torch.tensor([b, seen_w, scorer.start, scorer.stop])
+    sizes, widths, starts, stops = _all_reduce(info).tolist()
+    _check_tiling(starts, stops)
+    width, offset = max(widths), sum(sizes[:me])
 
     queries = _all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
     targets = _all_gather_rows(batch.targets.long().to(dev), sizes)  # (Q,)
@@ -264,6 +262,16 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     top_i = top_i.masked_fill(top_s == NEG_INF, -1)
     mine = slice(offset, offset + b)
     return RankResult(ranks=1 + ahead[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
+
+
+def _check_tiling(starts: list[int], stops: list[int]) -> None:
+    """The ranks' item ranges must tile [0, N) exactly, or items would be counted twice or never."""
+    ranges = sorted((a, z) for a, z in zip(starts, stops) if z > a)
+    edge = 0
+    for a, z in ranges:
+        if a != edge:
+            raise ValueError(f"scorer item ranges {list(zip(starts, stops))} overlap or leave a gap")
+        edge = z
 
 
 def _mask_seen(s: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor, lo: int, hi: int) -> None:

@@ -101,14 +101,12 @@ def init_deepspeed_comm(ctx: DistContext) -> None:
     `inference_all_reduce`, which training never calls, so we mark it incompatible first:
     `deepspeed.ops.__compatible_ops__` is probed once and cached in the module, so the edit holds.
     """
-    import deepspeed
     import deepspeed.comm as ds_dist
     import deepspeed.ops as ds_ops
 
     ds_ops.__compatible_ops__[SHM_OP] = False
     ds_dist.init_distributed(dist_backend=ctx.backend, auto_mpi_discovery=False, verbose=False,
                              dist_init_required=False)
-    del deepspeed
 
 
 def deepspeed_config(cfg: "Config", ctx: DistContext) -> dict[str, Any]:
