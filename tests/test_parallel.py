@@ -252,12 +252,16 @@ def test_deepspeed_must_not_wrap_the_table() -> None:
     assert torch.equal(r1_after, r0_before), "DeepSpeed no longer broadcasts module params; revisit stack.md"
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2])
-def test_two_workers_match_one_worker(zero: int) -> None:
-    """Split batches on 2 ranks == the full batch on 1 rank: dense params, table, loss."""
+@pytest.mark.parametrize("sharding,zero", [("row_wise", 0), ("row_wise", 1), ("row_wise", 2), ("table_wise", 0)])
+def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
+    """Split batches on 2 ranks == the full batch on 1 rank: dense params, table, loss.
+
+    Not column-wise: FBGEMM's row-wise Adagrad keeps one statistic per row PER SHARD, so
+    splitting columns changes the optimizer (by design, not a bug here).
+    """
     steps, batch_total = 3, 8
-    cfg2 = small_config("row_wise", zero=zero, batch=batch_total // 2, loss=LossConfig(num_negatives=16))
-    cfg1 = small_config("row_wise", zero=zero, batch=batch_total, loss=LossConfig(num_negatives=16))
+    cfg2 = small_config(sharding, zero=zero, batch=batch_total // 2, loss=LossConfig(num_negatives=16))
+    cfg1 = small_config(sharding, zero=zero, batch=batch_total, loss=LossConfig(num_negatives=16))
     two = run_distributed(_train_worker, 2, cfg2, steps, batch_total)
     (one,) = run_distributed(_train_worker, 1, cfg1, steps, batch_total)
     assert all(out["no_shm_build"] for out in two + [one])
@@ -274,16 +278,19 @@ def test_two_workers_match_one_worker(zero: int) -> None:
         assert [s for s, _ in out["local"]] == planned
         for s, w in out["local"]:
             assert torch.equal(w, out["full"][s.row0 : s.row0 + s.rows, s.col0 : s.col0 + s.cols])
-    assert not torch.equal(two[0]["local"][0][1][:20], two[1]["local"][0][1][:20])
+    if sharding == "row_wise":
+        assert not torch.equal(two[0]["local"][0][1][:20], two[1]["local"][0][1][:20])
+    # the per-rank losses average to the full-batch loss
+    mean_loss = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"])]
+    assert mean_loss == pytest.approx(one["losses"], rel=1e-4)
     # the sparse optimizer saw the same gradients (row-wise Adagrad's update hides a constant
     # factor on the gradient, its accumulated state does not)
+    if sharding != "row_wise":
+        return
     assert two[0]["momentum"].keys() == one["momentum"].keys()
     for name, value in one["momentum"].items():
         assert value.abs().sum() > 0
         torch.testing.assert_close(two[0]["momentum"][name], value, rtol=1e-4, atol=1e-9)
-    # the per-rank losses average to the full-batch loss
-    mean_loss = [(a + b) / 2 for a, b in zip(two[0]["losses"], two[1]["losses"])]
-    assert mean_loss == pytest.approx(one["losses"], rel=1e-4)
 
 
 def run_init_dense(cfg: Config) -> torch.Tensor:

@@ -95,7 +95,11 @@ def topology(ctx: DistContext, cfg: Config) -> Topology:
 
 
 def constraints(cfg: Config, world_size: int) -> dict[str, ParameterConstraints]:
-    """FUSED kernel only; the configured sharding type, or table/row/column-wise for auto."""
+    """FUSED kernel only; the configured sharding type, or table/row/column-wise for auto.
+
+    Column-wise changes the sparse optimizer: FBGEMM's row-wise Adagrad keeps one statistic per
+    row per shard, i.e. per column block, so results depend on the number of column shards.
+    """
     sharding = cfg.distributed.sharding
     types = list(SHARDING_TYPES.values()) if sharding == "auto" else [SHARDING_TYPES[sharding]]
     min_partition = None
