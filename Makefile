@@ -11,6 +11,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR := cpu
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONPATH := $(abspath .)
+export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 
 .PHONY: venv test smoke bench lock clean
 
@@ -29,9 +30,11 @@ $(STAMP): requirements/cpu.lock requirements/constraints.txt
 test: venv
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
-# Until the distributed trainer lands, smoke runs the mixer benchmark at short lengths.
+# The main job on the embedded default: synthetic log, 2 workers on a local Ray instance, train,
+# evaluate on the held-out day, print the metrics table. A fresh run each time.
 smoke: venv
-	$(BIN)/python -m benchmarks.mixers --quick --out runs/smoke/mixers.json
+	rm -rf runs/smoke
+	$(BIN)/python -m trainer.train --config configs/smoke.yaml
 
 bench: venv
 	$(BIN)/python -m benchmarks.mixers --out benchmarks/results/mixers-cpu.json

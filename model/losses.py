@@ -12,6 +12,7 @@ When both sets are used their two estimates are averaged (a further log 2 on eac
 Negatives equal to the row's positive ("accidental hits") are masked with -inf.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -105,17 +106,71 @@ def bpr(query: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor) -> to
     return F.softplus(-((query * pos_emb).sum(-1) - (query * neg_emb).sum(-1)).float()).mean()
 
 
-def training_rows(hidden: torch.Tensor, targets: torch.Tensor, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the (query, target) pairs that carry a loss.
-
-    hidden: (B, L, D); targets: (B, L) next item at each position, 0 where there is none.
-    positions: 'all' (every position with a target) or 'last' (only the final position).
-    Returns query (N, D) and target ids (N,).
-    """
+def _loss_positions(targets: torch.Tensor, positions: str) -> torch.Tensor:
+    """(B, L) bool: positions that carry a loss. 'all': every position with a target; 'last': the final one."""
+    mask = targets != 0
     if positions == "last":
-        hidden, targets = hidden[:, -1:], targets[:, -1:]
-    mask = targets != 0  # (B, L')
+        mask = mask & (torch.arange(targets.shape[1], device=targets.device) == targets.shape[1] - 1)
+    return mask
+
+
+def training_rows(hidden: torch.Tensor, targets: torch.Tensor, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the (query, target) pairs that carry a loss: hidden (B, L, D), targets (B, L) with 0 where
+    there is none -> query (N, D) and target ids (N,)."""
+    mask = _loss_positions(targets, positions)
     return hidden[mask], targets[mask]
+
+
+@dataclass
+class LossIds:
+    """The items a loss needs, drawn before any lookup so a trainer can fetch them in one collective."""
+
+    mask: torch.Tensor  # (B, L) positions with a loss
+    pos_ids: torch.Tensor  # (N,)
+    neg_ids: torch.Tensor  # (M,) shared, or (N,) one per row; one dummy id when N == 0
+
+    @property
+    def all(self) -> torch.Tensor:
+        return torch.cat([self.pos_ids, self.neg_ids])  # (N + M,)
+
+
+def sample_loss_ids(
+    cfg: LossConfig, targets: torch.Tensor, sampler: NegativeSampler, positions: str = "all",
+    generator: Optional[torch.Generator] = None,
+) -> LossIds:
+    mask = _loss_positions(targets, positions)
+    pos_ids = targets[mask]
+    n = pos_ids.numel()
+    # A batch without targets still asks for one id: a sharded lookup is a collective every rank joins.
+    count = 1 if n == 0 else (cfg.num_negatives if cfg.type == "sampled_softmax" else n)
+    return LossIds(mask, pos_ids, sampler.sample(count, generator).to(targets.device))
+
+
+def loss_from_embeddings(
+    cfg: LossConfig, hidden: torch.Tensor, ids: LossIds, emb: torch.Tensor, sampler: NegativeSampler
+) -> torch.Tensor:
+    """hidden (B, L, D); emb (N + M, D): the embeddings of `ids.all`, in that order."""
+    query = hidden[ids.mask]  # (N, D)
+    n = ids.pos_ids.numel()
+    if n == 0:
+        # zero, but connected to every parameter so gradient all-reduces see the same graph on all ranks
+        return (hidden.sum() + emb.sum()) * 0.0
+    pos_emb, neg_emb = emb[:n], emb[n:]
+    if cfg.type == "sampled_softmax":
+        correct = cfg.logq_correction
+        return sampled_softmax(
+            query,
+            ids.pos_ids,
+            pos_emb,
+            ids.neg_ids,
+            neg_emb,
+            neg_logq=sampler.log_q(ids.neg_ids) if correct else None,
+            pos_logp=sampler.log_popularity(ids.pos_ids) if correct and cfg.in_batch_negatives else None,
+            in_batch=cfg.in_batch_negatives,
+            temperature=cfg.temperature,
+        )
+    fn = bce if cfg.type == "bce" else bpr
+    return fn(query, pos_emb, neg_emb)
 
 
 def next_item_loss(
@@ -127,31 +182,6 @@ def next_item_loss(
     positions: str = "all",
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
-    """Mean next-item loss. Calls `embed` exactly once, even for a batch with no targets, because
-    a sharded table's lookup is a collective that every rank must join the same number of times."""
-    query, pos_ids = training_rows(hidden, targets, positions)  # (N, D), (N,)
-    n = pos_ids.numel()
-    if n == 0:
-        neg_ids = sampler.sample(1, generator).to(pos_ids.device)
-        # zero, but connected to every parameter so gradient all-reduces see the same graph on all ranks
-        return (hidden.sum() + embed(neg_ids).sum()) * 0.0
-    if cfg.type == "sampled_softmax":
-        neg_ids = sampler.sample(cfg.num_negatives, generator).to(pos_ids.device)  # (M,)
-        emb = embed(torch.cat([pos_ids, neg_ids]))  # one lookup for both
-        pos_emb, neg_emb = emb[:n], emb[n:]
-        correct = cfg.logq_correction
-        return sampled_softmax(
-            query,
-            pos_ids,
-            pos_emb,
-            neg_ids,
-            neg_emb,
-            neg_logq=sampler.log_q(neg_ids) if correct else None,
-            pos_logp=sampler.log_popularity(pos_ids) if correct and cfg.in_batch_negatives else None,
-            in_batch=cfg.in_batch_negatives,
-            temperature=cfg.temperature,
-        )
-    neg_ids = sampler.sample(n, generator).to(pos_ids.device)  # (N,): one negative per row
-    emb = embed(torch.cat([pos_ids, neg_ids]))
-    fn = bce if cfg.type == "bce" else bpr
-    return fn(query, emb[:n], emb[n:])
+    """Mean next-item loss; looks items up through `embed` exactly once, even for a batch with no targets."""
+    ids = sample_loss_ids(cfg, targets, sampler, positions, generator)
+    return loss_from_embeddings(cfg, hidden, ids, embed(ids.all), sampler)

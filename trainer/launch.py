@@ -13,6 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from data.loader import train_dataset
 from trainer.callbacks import build_callbacks
 from trainer.config import Config
+from trainer.logs import quiet
 from trainer.prepare import prepare_data
 from trainer.report import write_results
 from trainer.worker import train_worker
@@ -23,10 +24,15 @@ RUN_NAME = "train"
 def connect_ray(cfg: Config) -> None:
     """Join RAY_ADDRESS if set (a cluster, or a job's own cluster), else start a small local instance."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    quiet()
+    # Workers import this package: from the repo on this machine, or a job's uploaded working_dir.
+    repo = str(Path(__file__).resolve().parent.parent)
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    setup = {"worker_process_setup_hook": "trainer.logs.quiet", "env_vars": {"PYTHONPATH": pythonpath}}
     if ray.is_initialized():
         pass
     elif os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="ERROR")
+        ray.init(logging_level="ERROR", runtime_env=setup)
     else:
         cpus = os.cpu_count() or 1
         # Workers take fractional CPUs so Ray Data's read tasks still get some (stack.md: a full
@@ -36,6 +42,7 @@ def connect_ray(cfg: Config) -> None:
             object_store_memory=512 * 1024**2,
             include_dashboard=False,
             logging_level="ERROR",
+            runtime_env=setup,
             _node_ip_address="127.0.0.1",  # a local instance is reachable from this machine only
         )
     check_resources(cfg)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from data.loader import make_loader
 from model.convformer import SequenceEncoder, last_hidden
-from model.losses import NegativeSampler, next_item_loss
+from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, from_dict
 from trainer.embeddings import ShardedItemTable
@@ -67,7 +67,7 @@ class Trainer:
             world_size=self.ctx.world_size,
         )
         self.dtype = engine_dtype(self.engine)
-        counts = torch.as_tensor(data.item_counts())
+        counts = torch.tensor(data.item_counts())  # a copy: Ray hands back a read-only array
         self.sampler = NegativeSampler(cfg.model.num_items, cfg.training.loss.sampler, counts)
         self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
 
@@ -90,15 +90,15 @@ class Trainer:
             batch["targets"] = batch["input_ids"]
         ids = batch["input_ids"].to(self.ctx.device)  # (B, L)
         targets = batch["targets"].to(self.ctx.device)  # (B, L)
-        item_emb = self.table.lookup(ids).to(self.dtype)  # (B, L, D)
+        loss_ids = sample_loss_ids(self.cfg.training.loss, targets, self.sampler, self.cfg.training.positions, self.gen)
+        # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
+        emb = self.table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
+        item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(self.dtype)  # (B, L, D)
         hidden = self.engine(item_emb, ids != 0).float()  # (B, L, D)
-        loss = next_item_loss(
-            self.cfg.training.loss, hidden, targets, self.table.lookup, self.sampler,
-            self.cfg.training.positions, self.gen,
-        )
+        loss = loss_from_embeddings(self.cfg.training.loss, hidden, loss_ids, emb[ids.numel():], self.sampler)
         self.engine.backward(loss)  # also runs the table's fused sparse update
         self.engine.step()
-        events = int((targets[:, -1:] if self.cfg.training.positions == "last" else targets).ne(0).sum())
+        events = loss_ids.pos_ids.numel()
         return loss.detach(), events
 
     def train(self) -> dict[str, Any]:
