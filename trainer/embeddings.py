@@ -314,9 +314,9 @@ class ShardedItemTable:
     def check_lockstep(self) -> None:
         """Raise if the ranks have made different numbers of lookups (collective).
 
-        A rank that skips a lookup does not always hang: gloo pairs its next collective with the
-        peer's pending one and training continues on garbage. Call this now and then (e.g. at
-        checkpoints) to catch that.
+        A rank that skips a lookup usually hangs, but gloo matches collectives only by order, so
+        a skipped lookup can also pair mismatched collectives without an error. Call this now
+        and then (e.g. at checkpoints) to catch that.
         """
         counts: list[Any] = [None] * self.ctx.world_size
         dist.all_gather_object(counts, self.num_lookups)
