@@ -72,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         gen_s = time.perf_counter() - t0
         events = sum(pq.ParquetFile(os.path.join(r, f)).metadata.num_rows
                      for r, _, fs in os.walk(log_dir) for f in fs if f.endswith(".parquet"))
+        load_before = os.getloadavg()[0]
         duck_s, duck_users = run_duckdb(log_dir, os.path.join(work, "duck.parquet"), os.cpu_count() or 1)
         warm_log = generate(SynthConfig(users=200, items=100, days=2, workers=1), os.path.join(work, "warmup"))
         ours_s, our_users = run_ours(log_dir, os.path.join(work, "ours"), warm_log)
@@ -86,7 +87,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             "duckdb": {"seconds": round(duck_s, 2), "events_per_s": round(events / duck_s)},
             "ratio_ours_over_duckdb": round(duck_s / ours_s, 3),
             "target_ratio": 0.5,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            # the 1-minute load average: other jobs on the machine slow both sides
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2)},
         }
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -121,10 +121,15 @@ def oracle_metrics(
     ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
     *,
     min_history: int = 1,
-    backend: str = "arrow",
+    backend: str = "ray",
+    seq_dir: Optional[PathLike] = None,
     work_dir: Optional[PathLike] = None,
 ) -> dict:
-    """Bayes-optimal realised and expected HR@k / NDCG@k (and realised MRR) on the held-out day's queries."""
+    """Bayes-optimal realised and expected HR@k / NDCG@k (and realised MRR) on the held-out day's queries.
+
+    `seq_dir`: sequences already built through the eval day (prepare_held_out's work_dir/sequences);
+    otherwise they are built with `backend` into a temporary directory under `work_dir`.
+    """
     cfg, _ = load_meta(log_dir)
     proc = Process.from_config(cfg)
     day = resolve_eval_day(log_dir, eval_day)
@@ -140,8 +145,9 @@ def oracle_metrics(
     sorted_w = np.sort(proc.weight[1 : n + 1])
     top_pop = _top_active_ids(proc, n, max(ks) + cfg.neighbours + 1)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        seq_dir = os.path.join(tmp, "sequences")
-        build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend)  # type: ignore[arg-type]
+        if seq_dir is None:
+            seq_dir = os.path.join(tmp, "sequences")
+            build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend)  # type: ignore[arg-type]
         for path in sequence_files(seq_dir):
             q = eval_rows(pq.read_table(path), day, cfg.lag_max, min_history)
             if q.num_rows:

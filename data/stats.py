@@ -45,3 +45,37 @@ def window_days(eval_day: DayLike, train_days: int, log_days: Iterable[dt.date])
     d = to_date(eval_day)
     lo = d - dt.timedelta(days=train_days) if train_days else dt.date.min
     return [x for x in log_days if lo <= x < d]
+
+
+def num_items(log_dir: PathLike) -> int:
+    """The largest item id of a log (model.num_items must be at least this).
+
+    From `_synth.json` / `_movielens.json` when present, else from the Parquet row-group statistics (footers
+    only, no data read); a file without statistics is scanned.
+    """
+    import json
+    import os
+
+    import pyarrow.parquet as pq
+
+    root = os.fspath(log_dir)
+    for meta, key in (("_synth.json", ("config", "items")), ("_movielens.json", ("items",))):
+        path = os.path.join(root, meta)
+        if os.path.isfile(path):
+            with open(path) as f:
+                value = json.load(f)
+            for k in key:
+                value = value[k]
+            return int(value)
+    top = 0
+    for f in list_files(root):
+        md = pq.ParquetFile(f.path).metadata
+        col = md.schema.to_arrow_schema().get_field_index(ITEM)
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max:
+                top = max(top, max((pc.max(t.column(ITEM)).as_py() or 0 for t in iter_file(
+                    f, max_bad_fraction=1.0, report=SkipReport(), columns=[])), default=0))
+                break
+            top = max(top, int(st.max))
+    return top

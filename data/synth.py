@@ -141,32 +141,37 @@ def _timestamps(cfg: SynthConfig, rng: np.random.Generator, counts: np.ndarray) 
 
 
 def _items(proc: Process, rng: np.random.Generator, users: np.ndarray, counts: np.ndarray, day: np.ndarray):
-    """Items and their source component, event by event in lock step over all users of the chunk."""
+    """Items and their source component for all events of a chunk (users' events contiguous, in time order)."""
     total = int(counts.sum())
+    offs = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (n,) first event of each user
+    e = np.arange(total) - np.repeat(offs, counts)  # (N,) event number within its user
+    lag = np.repeat(proc.lag(users), counts)  # (N,)
+    # The component of every event depends only on (e, lag): drawn up front, vectorised.
+    p_pop, p_tr, _ = proc.mixture(e, lag)
+    r = rng.random(total)
+    no_rep = e < lag  # also guards the float edge r ~ 1 while the repeat component does not exist yet
+    src = np.where(r < p_pop, POP, np.where((r < p_pop + p_tr) | no_rep, TRANSITION, REPEAT)).astype(np.int8)
+    # Popularity draws do not depend on the history either: one inverse-CDF search with sorted keys
+    # (sorting makes the binary searches cache friendly: ~7x faster on 10^7 items).
     item = np.zeros(total, np.int64)
-    src = np.zeros(total, np.int8)
-    offs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    order = np.argsort(-counts, kind="stable")  # users with more events first: the active ones are a prefix
-    sorted_counts = counts[order]
-    lags = proc.lag(users)
-    w = proc.cfg.neighbours
-    for e in range(int(counts.max())):
-        cnt = int(np.searchsorted(-sorted_counts, -e, side="left"))  # users with counts > e
-        act = order[:cnt]
-        pos = offs[act] + e  # (cnt,)
-        p_pop, p_tr, _ = proc.mixture(np.full(cnt, e), lags[act])
-        r = rng.random(cnt)
-        no_rep = e < lags[act]  # guards the float edge r ~ 1 when the repeat component does not exist yet
-        comp = np.where(r < p_pop, POP, np.where((r < p_pop + p_tr) | no_rep, TRANSITION, REPEAT)).astype(np.int8)
-        src[pos] = comp
-        sel = pos[comp == POP]
-        n_day = proc.n_active[day[sel]]
-        x = rng.random(len(sel)) * proc.cum[n_day]
-        item[sel] = np.minimum(np.searchsorted(proc.cum, x, side="right"), n_day)
-        sel = pos[comp == TRANSITION]
-        item[sel] = proc.successors(item[sel - 1], rng.integers(0, w, len(sel)))
-        m = comp == REPEAT
-        item[pos[m]] = item[pos[m] - lags[act][m]]
+    pos = np.flatnonzero(src == POP)
+    n_day = proc.n_active[day[pos]]
+    x = rng.random(len(pos)) * proc.cum[n_day]
+    order = np.argsort(x)
+    drawn = np.empty(len(pos), np.int64)
+    drawn[order] = np.searchsorted(proc.cum, x[order], side="right")
+    item[pos] = np.minimum(drawn, n_day)
+    k = rng.integers(0, proc.cfg.neighbours, total)  # successor choice, used by transitions only
+    # Transitions and repeats depend on earlier items: event number by event number, all users at once.
+    by_count = np.argsort(-counts, kind="stable")  # users with more events first: the active ones are a prefix
+    active = len(counts) - np.cumsum(np.bincount(counts))  # (max+1,) users with more than `step` events
+    for step in range(1, int(counts.max())):
+        pos = offs[by_count[: active[step]]] + step
+        c = src[pos]
+        t = pos[c == TRANSITION]
+        item[t] = proc.successors(item[t - 1], k[t])
+        t = pos[c == REPEAT]
+        item[t] = item[t - lag[t]]
     return item, src
 
 
@@ -253,7 +258,7 @@ def load_meta(log_dir: PathLike) -> tuple[SynthConfig, dict]:
 
 
 def oracle_metrics(log_dir: PathLike, eval_day: Optional[str] = None, ks=(1, 5, 10, 20, 50, 100), **kwargs) -> dict:
-    """Bayes-optimal metrics on the held-out day; see data/oracle.py."""
+    """Bayes-optimal metrics on the held-out day (keywords: min_history, backend, seq_dir); see data/oracle.py."""
     from data.oracle import oracle_metrics as _oracle
 
     return _oracle(log_dir, eval_day, ks, **kwargs)

@@ -32,3 +32,14 @@ def test_item_id_above_num_items_is_an_error(tmp_path):
     write_log(tmp_path, EVENTS)
     with pytest.raises(LogError, match="item_id 5 is above num_items=4"):
         item_counts(tmp_path, None, 4)
+
+
+def test_num_items_from_footers_and_metadata(tmp_path):
+    from data.config import SynthConfig
+    from data.stats import num_items
+    from data.synth import generate
+
+    write_log(tmp_path / "log", EVENTS)
+    assert num_items(tmp_path / "log") == 5
+    cfg = SynthConfig(users=20, items=77, days=1, workers=1)
+    assert num_items(generate(cfg, tmp_path / "synth")) == 77

@@ -137,7 +137,7 @@ def _brute_force_metrics(log, day: str, ks) -> dict:
 def test_oracle_matches_brute_force_and_its_expectation(log):
     ks = (1, 10, 50)
     day = "2026-01-04"
-    got = oracle_metrics(log, day, ks)
+    got = oracle_metrics(log, day, ks, backend="arrow")
     want = _brute_force_metrics(log, day, ks)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-9), key
