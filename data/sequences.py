@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from data.schema import (
     ITEM,
+    LOG_SCHEMA,
     TS,
     TS_TYPE,
     USER,
@@ -52,18 +53,17 @@ _TIE_RULE = [(USER, "ascending"), (TS, "ascending"), (ITEM, "ascending")]
 
 def events_to_sequences(table: pa.Table) -> pa.Table:
     """Rows of (user_id, item_id, ts), any order -> one row per user, sorted by user_id (SEQ_SCHEMA)."""
+    if table.num_rows == 0:
+        return SEQ_SCHEMA.empty_table()
     table = table.select([USER, ITEM, TS]).sort_by(_TIE_RULE)  # arrow's multi-key sort: ~10x np.lexsort
     user = table.column(USER).to_numpy()
-    item = table.column(ITEM).to_numpy()
-    ts = table.column(TS).cast(pa.int64()).to_numpy()
-    starts = np.flatnonzero(np.diff(user)) + 1 if len(user) else np.zeros(0, np.int64)
-    offsets = pa.array(np.concatenate([[0], starts, [len(user)]]).astype(np.int32))
-    first = np.concatenate([[0], starts]).astype(np.int64) if len(user) else starts
+    first = np.concatenate([[0], np.flatnonzero(np.diff(user)) + 1])  # (U,) first event of each user
+    offsets = np.concatenate([first, [len(user)]])  # (U+1,)
     return pa.table(
         {
             USER: pa.array(user[first]),
-            "item_ids": pa.ListArray.from_arrays(offsets, pa.array(item)),
-            TS: pa.ListArray.from_arrays(offsets, pa.array(ts).cast(TS_TYPE)),
+            "item_ids": make_list(offsets, table.column(ITEM).to_numpy()),
+            TS: make_list(offsets, table.column(TS).cast(pa.int64()).to_numpy(), TS_TYPE),
         },
         schema=SEQ_SCHEMA,
     )
@@ -108,12 +108,12 @@ def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, ro
     report = SkipReport()
     parts = [t.select([USER, ITEM, TS]) for f in files for t in iter_file(f, max_bad_fraction=max_bad_fraction,
                                                                           report=report, columns=[])]
-    events = pa.concat_tables(parts).combine_chunks()
+    events = pa.concat_tables(parts).combine_chunks() if parts else LOG_SCHEMA.empty_table()
     seqs = events_to_sequences(events)
     # Shards of about rows_per_shard events, cut between users.
-    lengths = np.diff(seqs.column("item_ids").chunk(0).offsets.to_numpy())
+    lengths = np.diff(list_parts(seqs.column("item_ids"))[0])  # (U,) events per user
     cuts = np.searchsorted(np.cumsum(lengths), np.arange(rows_per_shard, lengths.sum(), rows_per_shard), "right")
-    bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(lengths)}), len(lengths)]
+    bounds = [0, *sorted(set(int(c) for c in cuts) - {0, len(lengths)}), len(lengths)] if len(lengths) else [0]
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         pq.write_table(seqs.slice(a, b - a), os.path.join(out_dir, f"part-{i:05d}.parquet"))
     report.warn()

@@ -219,7 +219,11 @@ def _run_chunk(chunk: int, out_dir: str) -> int:
 
 
 def generate(cfg: SynthConfig, out_dir: PathLike) -> str:
-    """Write the log to `out_dir` (must be empty or absent) plus `_synth.json`; returns out_dir."""
+    """Write the log to `out_dir` (must be empty or absent) plus `_synth.json`; returns out_dir.
+
+    With more than one worker it spawns processes, so a calling script needs the usual
+    `if __name__ == "__main__":` guard.
+    """
     out_dir = os.fspath(out_dir)
     if os.path.isdir(out_dir) and any(not n.startswith((".", "_")) for n in os.listdir(out_dir)):
         raise ValueError(f"{out_dir} already holds data; synthetic logs are written to an empty directory")

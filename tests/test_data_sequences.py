@@ -88,3 +88,10 @@ def test_ray_back_end_raises_the_log_error(tmp_path, ray_local):
     with pytest.raises(LogError, match="missing column 'ts'") as e:
         build_sequences(tmp_path / "log", tmp_path / "seq", backend="ray")
     assert e.value.path.endswith("part-zz.parquet")
+
+
+def test_a_log_whose_rows_are_all_skipped_gives_no_sequences(tmp_path):
+    write_log(tmp_path / "log", [(1, 0, "2026-01-01 10:00:00")])  # item 0: skipped
+    stats = build_sequences(tmp_path / "log", tmp_path / "seq", backend="arrow", max_bad_fraction=1.0)
+    assert (stats.num_users, stats.num_events, stats.skipped.rows_skipped) == (0, 0, 1)
+    assert read_sequences(tmp_path / "seq").num_rows == 0
