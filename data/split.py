@@ -45,6 +45,7 @@ class SplitResult:
     eval_dirs: dict  # name ("eval", or "valid"/"test" for leave-one-out) -> directory of query shards
     num_train_users: int
     num_queries: dict  # name -> number of queries
+    eval_day: Optional[dt.date] = None  # held-out day (None for leave-one-out)
 
 
 # ---------------------------------------------------------------- pure row functions
@@ -215,7 +216,7 @@ def held_out_day_split(
             f"no evaluation users on day {day.isoformat()}: nobody has an event that day and "
             f">= {min_history} events before it",
         )
-    return SplitResult(train_dir, {"eval": eval_dir}, n_train, {"eval": n_eval})
+    return SplitResult(train_dir, {"eval": eval_dir}, n_train, {"eval": n_eval}, day)
 
 
 def leave_one_out(
