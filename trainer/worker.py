@@ -41,6 +41,22 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return Trainer(cfg, data).run()
 
 
+def train_step(cfg: Config, table: ShardedItemTable, engine, sampler: NegativeSampler, gen: torch.Generator,
+               batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+    """Lookup, dense forward, loss, backward (with the fused sparse update), dense step."""
+    ids = batch["input_ids"].to(device)  # (B, L)
+    targets = batch["targets"].to(device)  # (B, L)
+    loss_ids = sample_loss_ids(cfg.training.loss, targets, sampler, cfg.training.positions, gen)
+    # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
+    emb = table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
+    item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(engine_dtype(engine))  # (B, L, D)
+    hidden = engine(item_emb, ids != 0).float()  # (B, L, D)
+    loss = loss_from_embeddings(cfg.training.loss, hidden, loss_ids, emb[ids.numel():], sampler)
+    engine.backward(loss)  # also runs the table's fused sparse update
+    engine.step()
+    return loss.detach(), loss_ids.pos_ids.numel()
+
+
 class Trainer:
     def __init__(self, cfg: Config, data: PreparedData) -> None:
         self.cfg, self.data = cfg, data
@@ -78,6 +94,7 @@ class Trainer:
             state = self.checkpointer.load(ckpt, self.table, self.engine, self.loader)
             self.step = state["step"]
             self.gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
         self.phases["build"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ training
@@ -88,18 +105,7 @@ class Trainer:
         if batch is None:  # all padding: no targets, but the same collectives as a real batch
             batch = {"input_ids": torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long)}
             batch["targets"] = batch["input_ids"]
-        ids = batch["input_ids"].to(self.ctx.device)  # (B, L)
-        targets = batch["targets"].to(self.ctx.device)  # (B, L)
-        loss_ids = sample_loss_ids(self.cfg.training.loss, targets, self.sampler, self.cfg.training.positions, self.gen)
-        # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
-        emb = self.table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
-        item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(self.dtype)  # (B, L, D)
-        hidden = self.engine(item_emb, ids != 0).float()  # (B, L, D)
-        loss = loss_from_embeddings(self.cfg.training.loss, hidden, loss_ids, emb[ids.numel():], self.sampler)
-        self.engine.backward(loss)  # also runs the table's fused sparse update
-        self.engine.step()
-        events = loss_ids.pos_ids.numel()
-        return loss.detach(), events
+        return train_step(self.cfg, self.table, self.engine, self.sampler, self.gen, batch, self.ctx.device)
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.training
@@ -152,7 +158,7 @@ class Trainer:
 
     def save(self) -> None:
         progress = {"step": self.step, "epoch": self.loader.epoch}
-        state = {**progress, "generator": self.gen.get_state()}
+        state = {**progress, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
         self.checkpointer.save(state, self.table, self.engine, self.loader, metrics=progress)
 
     # ------------------------------------------------------------------ evaluation
