@@ -127,10 +127,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/overhead-cpu.json")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (one worker = one CPU)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, ["distributed.num_workers=1", "distributed.cpus_per_worker=1", *args.overrides])
-    threads = os.cpu_count() or 1
+    threads = args.threads
     batches = make_batches(cfg, args.steps + args.warmup)
     stack = full_stack(cfg, batches, args.warmup, threads)
     bare = bare_loop(cfg, batches, args.warmup, threads)
