@@ -147,9 +147,22 @@ def _bucket_to_sequences(table: pa.Table) -> pa.Table:
     return events_to_sequences(table.select([USER, ITEM, TS]).combine_chunks())
 
 
+# Above this many (read task x bucket) objects, the pull-based sort shuffle's driver bookkeeping grows too
+# large (about 16 GB at 1500 x 51 on the 10^8-event log, before reads were grouped; fine at 100 x 51).
+_MAX_SORT_SHUFFLE_OBJECTS = 20_000
+
+
+def _shuffle_strategy(read_tasks: int, num_buckets: int):
+    """Sort-based shuffle while it is small (2-3x faster than the hash shuffles here), hash shuffle beyond."""
+    from ray.data.context import ShuffleStrategy
+
+    if read_tasks * num_buckets <= _MAX_SORT_SHUFFLE_OBJECTS:
+        return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    return ShuffleStrategy.HASH_SHUFFLE  # aggregator actors: memory linear in tasks + buckets
+
+
 def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int) -> SequenceStats:
     import ray
-    from ray.data.context import ShuffleStrategy
 
     from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise
 
@@ -157,14 +170,16 @@ def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows
     rows = count_rows(files)  # footers only; sizes the shuffle
     num_buckets = max(1, math.ceil(rows / rows_per_bucket))
     counter = SkipCounter.remote()
+    # Read tasks of several files (about rows_per_bucket / 2 events each): fewer, larger blocks make the
+    # shuffle's tasks and objects fewer (tasks x buckets objects); it was 1500 x 51 at 10^8 events with one file each.
+    files_per_task = max(1, round(rows_per_bucket / 2 / max(1.0, rows / len(files))))
     items = [{"path": f.path, "day": f.day.isoformat()} for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # The sort-based shuffle measured 2-3x faster than the hash shuffles for this one-key, few-partition
-    # group-by (benchmarks/sequences.py); set on this dataset's own context only.
-    ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    read_tasks = math.ceil(len(items) / files_per_task)
+    ds = ray.data.from_items(items, override_num_blocks=read_tasks)
+    ds.context.shuffle_strategy = _shuffle_strategy(read_tasks, num_buckets)  # this dataset's context only
     ds = ds.map_batches(
         _read_files,
-        batch_size=1,
+        batch_size=files_per_task,
         batch_format="numpy",
         fn_kwargs={"num_buckets": num_buckets, "max_bad_fraction": max_bad_fraction, "counter": counter},
     )
