@@ -4,7 +4,8 @@
     python -m cluster.submit status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID | list
 
 The address comes from --address or RAY_JOB_ADDRESS / RAY_ADDRESS (e.g. http://HEAD:8265); a bearer
-token, if the cluster needs one, only from RAY_JOB_TOKEN, never from a config or the command line.
+token, if the cluster needs one, only from RAY_JOB_TOKEN or the file named by RAY_JOB_TOKEN_FILE, never
+from a config or the command line.
 The repo root is uploaded as the job's working directory (without .venv, data and outputs).
 Results: the job writes output.dir under --storage (a path every node and this machine can read;
 default runs/jobs on this machine, right for a local cluster); if that is not readable from here,
@@ -34,6 +35,8 @@ def client(address: Optional[str]):
     if not address:
         raise SystemExit("no cluster address: pass --address http://HEAD:8265 or set RAY_JOB_ADDRESS")
     token = os.environ.get("RAY_JOB_TOKEN")
+    if not token and os.environ.get("RAY_JOB_TOKEN_FILE"):  # e.g. the token file of a cluster.local head
+        token = Path(os.environ["RAY_JOB_TOKEN_FILE"]).read_text().strip()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     return JobSubmissionClient(address, headers=headers)
 
@@ -89,6 +92,10 @@ def submit(args: argparse.Namespace) -> int:
     config = Path(args.config)
     if not (REPO / config).is_file() and not config.is_file():
         raise SystemExit(f"config {args.config} not found (paths are relative to the repo root)")
+    if args.storage and "://" in args.storage:
+        raise SystemExit(
+            f"--storage {args.storage}: URIs are not supported yet (the trainer writes output.dir with local file "
+            "I/O); use a directory every node and this machine mount, e.g. NFS / EFS / Filestore at one path")
     c = client(args.address)
     job_id = args.job_id or f"convformer-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(args.storage).resolve() if args.storage else REPO / "runs" / "jobs"

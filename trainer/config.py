@@ -61,6 +61,9 @@ class DistributedConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     activation_checkpointing: bool = False
+    # Ray placement of the workers: pack fills a node first (one NCCL host per node); spread puts them on
+    # different nodes where it can (ScalingConfig.placement_strategy).
+    placement: Literal["pack", "spread"] = "pack"
     # Planner memory caps per device, in GiB; 0 means what the device reports.
     hbm_cap_gib: float = 0.0
     ddr_cap_gib: float = 0.0

@@ -94,7 +94,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data.to_dict()},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu, resources_per_worker=resources,
+                                     placement_strategy=cfg.distributed.placement.upper()),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=str(storage),
