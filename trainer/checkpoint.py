@@ -11,7 +11,7 @@ import json
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray.train
 import torch
@@ -79,6 +79,29 @@ def check_compatible(root: Path, cfg: Config) -> None:
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
     if diffs:
         raise ValueError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint Ray Train would resume `run_dir` from (its manager's snapshot), or None."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    return run_dir / latest["checkpoint_dir_name"] if latest else None
+
+
+def check_resumable(run_dir: Path, cfg: Config) -> Optional[Path]:
+    """Before any worker starts: the latest checkpoint is complete, intact and written by a compatible
+    config. Raises CheckpointError or ValueError naming the problem; returns the checkpoint (or None)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    if not (ckpt / "meta.json").is_file():
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: meta.json from rank 0 is missing")
+    world = json.loads((ckpt / "meta.json").read_text())["world_size"]
+    verify(ckpt, world)
+    check_compatible(ckpt, cfg)
+    return ckpt
 
 
 class Checkpointer:

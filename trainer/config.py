@@ -35,6 +35,11 @@ class TrainingConfig:
     grad_clip: float = 1.0  # 0 disables
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_failures: int = 0  # worker failures Ray Train recovers from (restarting from the latest checkpoint)
+    # Fault injection, for reliability tests: 0 disables. Kill rank `fault_kill_rank` (SIGKILL) before step N
+    # of a run not yet restarted; make the loss NaN at step N.
+    fault_kill_at_step: int = 0
+    fault_kill_rank: int = 0
+    fault_nan_at_step: int = 0
     log_every: int = 20
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -42,6 +47,8 @@ class TrainingConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.max_failures, self.fault_kill_at_step, self.fault_kill_rank, self.fault_nan_at_step) < 0:
+            raise ValueError("training.max_failures and training.fault_* must be >= 0")
         if self.max_steps < 0:
             raise ValueError(f"training.max_steps must be >= 0, got {self.max_steps}")
         for name in ("lr", "sparse_lr"):

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from data.loader import train_dataset
 from trainer.callbacks import build_callbacks
+from trainer.checkpoint import check_resumable
 from trainer.config import Config
 from trainer.logs import quiet
 from trainer.prepare import prepare_data
@@ -19,6 +19,26 @@ from trainer.report import write_results
 from trainer.worker import train_worker
 
 RUN_NAME = "train"
+
+
+class EveryRowDataConfig(DataConfig):
+    """Split every dataset across workers without dropping rows.
+
+    Ray Train's DataConfig splits with equal=True, which drops up to world_size - 1 rows so that
+    shards are equal: evaluation queries and training users would vanish silently. The training
+    and evaluation loops tolerate unequal shards (every rank joins every collective until all are
+    done), so split with equal=False. Block order is preserved, so each worker's shard is the same
+    on every run (exact resumption).
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output: list[dict] = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options.preserve_order = True
+            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[rank][name] = split
+        return output
 
 
 def connect_ray(cfg: Config) -> None:
@@ -71,11 +91,16 @@ def use_gpu(cfg: Config) -> bool:
 
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.output.dir).resolve()
+    cfg.output.dir = str(out)  # workers run elsewhere: give them the absolute path
     storage = out / "ray"
     if not resume and (storage / RUN_NAME).exists():
         raise ValueError(
             f"{out} holds an earlier run; pass --resume to continue it, or set output.dir to a new directory"
         )
+    if resume:
+        # refuse a corrupt or incompatible checkpoint before any worker starts
+        if check_resumable(storage / RUN_NAME, cfg) is None:
+            print(f"--resume: no checkpoint in {out} yet; starting from scratch", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
 
@@ -104,9 +129,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             callbacks=build_callbacks(cfg, out),
         ),
         datasets={"train": train_dataset(data.train_sequences), "eval": ray.data.read_parquet(data.eval_queries)},
-        # split both across workers; preserve_order keeps each worker's shard reproducible (exact resumption)
-        dataset_config=DataConfig(datasets_to_split=["train", "eval"],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=EveryRowDataConfig(),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

@@ -1,8 +1,7 @@
-"""Driver-side data preparation: the log (generated when none is given), the held-out day split
-(training sequences and evaluation queries), item popularity, and the baselines."""
+"""Driver-side data preparation: data.prepare's held-out-day split (training sequences and evaluation
+queries), training-window item popularity, and the baselines (popularity; the oracle on synthetic logs)."""
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +12,9 @@ import pyarrow.parquet as pq
 import ray
 
 from data import synth
+from data.prepare import prepare
 from data.schema import SkipReport, list_days
 from data.sequences import sequence_files
-from data.split import prepare_held_out, resolve_eval_day
 from data.stats import item_counts, window_days
 from trainer.config import Config
 from trainer.queries import popularity_metrics
@@ -51,45 +50,32 @@ class PreparedData:
 def prepare_data(cfg: Config, out: Path) -> PreparedData:
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
-    log_dir = Path(cfg.data.path) if cfg.data.path else ensure_synthetic(cfg, out / "data" / "log")
-    phases["synth"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    split = prepare_held_out(
-        log_dir, out / "data" / "split", cfg.model.max_seq_len, eval_day=cfg.data.eval_day,
-        train_days=cfg.data.train_days, min_history=cfg.data.min_history, backend=cfg.data.backend,
-        max_bad_fraction=cfg.data.max_bad_fraction, rows_per_bucket=cfg.data.rows_per_bucket, overwrite=True,
-    )
-    day = resolve_eval_day(log_dir, cfg.data.eval_day)
+    # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
+    split = prepare(cfg.data, out / "data", cfg.model.max_seq_len)
+    if split.num_items > cfg.model.num_items:
+        raise ValueError(
+            f"model.num_items={cfg.model.num_items} is smaller than the largest item id {split.num_items} "
+            f"in {split.log_dir}: the item table must hold every item"
+        )
     skipped = SkipReport()
-    counts = item_counts(log_dir, window_days(day, cfg.data.train_days, list_days(log_dir)), cfg.model.num_items,
-                         max_bad_fraction=cfg.data.max_bad_fraction, report=skipped)
-    phases["split"] = time.perf_counter() - t0
+    days = window_days(split.eval_day, cfg.data.train_days, list_days(split.log_dir))
+    counts = item_counts(split.log_dir, days, cfg.model.num_items, max_bad_fraction=cfg.data.max_bad_fraction,
+                         report=skipped)
+    phases["data_split"] = time.perf_counter() - t0
 
     data = PreparedData(
-        log_dir=str(log_dir), eval_day=day.isoformat(), train_sequences=split.train_dir,
-        eval_queries=split.eval_dirs["eval"], counts_ref=ray.put(counts), num_train_users=split.num_train_users,
-        num_eval_queries=split.num_queries["eval"], skipped=skipped.to_dict(),
+        log_dir=str(split.log_dir), eval_day=split.eval_day.isoformat(), train_sequences=split.train_dir,
+        eval_queries=split.eval_dir, counts_ref=ray.put(counts), num_train_users=split.num_train_users,
+        num_eval_queries=split.num_queries, skipped=skipped.to_dict(),
     )
     t0 = time.perf_counter()
     if cfg.eval.popularity_baseline:
         batches = (pq.read_table(p) for p in sequence_files(data.eval_queries))
         data.baselines["popularity"] = popularity_metrics(counts, batches, cfg.eval.ks, cfg.eval.exclude_seen,
                                                           cfg.model.max_seq_len)
-    if cfg.eval.oracle and (log_dir / synth.META).is_file():
-        data.baselines["oracle"] = synth.oracle_metrics(log_dir, day.isoformat(), cfg.eval.ks,
-                                                        min_history=cfg.data.min_history)
+    if cfg.eval.oracle and split.synthetic:
+        data.baselines["oracle"] = synth.oracle_metrics(split.log_dir, data.eval_day, cfg.eval.ks,
+                                                        min_history=cfg.data.min_history, seq_dir=split.seq_dir)
     phases["baselines"] = time.perf_counter() - t0
     data.phases_s = phases
     return data
-
-
-def ensure_synthetic(cfg: Config, log_dir: Path) -> Path:
-    """Generate the configured synthetic log, or reuse one generated earlier with the same settings."""
-    meta = log_dir / synth.META
-    if meta.is_file():
-        if json.loads(meta.read_text())["config"] == dataclasses.asdict(cfg.data.synth):
-            return log_dir
-        raise ValueError(f"{log_dir} holds a synthetic log with other data.synth settings; remove it or change output.dir")
-    synth.generate(cfg.data.synth, log_dir)
-    return log_dir

@@ -11,10 +11,16 @@
 then `train()` and `evaluate()`.
 """
 
+import os
 import resource
+import signal
 import time
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.train
 import torch
 import torch.distributed as dist
@@ -42,8 +48,13 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_step(cfg: Config, table: ShardedItemTable, engine, sampler: NegativeSampler, gen: torch.Generator,
-               batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
-    """Lookup, dense forward, loss, backward (with the fused sparse update), dense step."""
+               batch: dict[str, torch.Tensor], device: torch.device, poison: bool = False) -> tuple[torch.Tensor, int]:
+    """Lookup, dense forward, loss, backward (with the fused sparse update), dense step.
+
+    When any rank's loss is not finite, no rank runs the backward or the step (they are collectives,
+    and the update would poison both towers); the caller decides to stop or to skip. `poison` makes
+    this rank's loss NaN (fault injection for tests).
+    """
     ids = batch["input_ids"].to(device)  # (B, L)
     targets = batch["targets"].to(device)  # (B, L)
     loss_ids = sample_loss_ids(cfg.training.loss, targets, sampler, cfg.training.positions, gen)
@@ -52,6 +63,13 @@ def train_step(cfg: Config, table: ShardedItemTable, engine, sampler: NegativeSa
     item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(engine_dtype(engine))  # (B, L, D)
     hidden = engine(item_emb, ids != 0).float()  # (B, L, D)
     loss = loss_from_embeddings(cfg.training.loss, hidden, loss_ids, emb[ids.numel():], sampler)
+    if poison:
+        loss = loss * float("nan")
+    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        return loss.detach().new_tensor(float("nan")), 0
     engine.backward(loss)  # also runs the table's fused sparse update
     engine.step()
     return loss.detach(), loss_ids.pos_ids.numel()
@@ -92,7 +110,10 @@ class Trainer:
         # 6. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
         self.checkpointer = Checkpointer(cfg, self.ctx)
         self.step = 0  # the loader keeps the epoch and the position within it
+        self.skipped_steps = 0
+        self.restored = False
         if (ckpt := ray.train.get_checkpoint()) is not None:
+            self.restored = True
             state = self.checkpointer.load(ckpt, self.table, self.engine, self.loader)
             self.step = state["step"]
             self.gen.set_state(state["generator"])
@@ -107,33 +128,39 @@ class Trainer:
         if batch is None:  # all padding: no targets, but the same collectives as a real batch
             batch = {"input_ids": torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long)}
             batch["targets"] = batch["input_ids"]
-        return train_step(self.cfg, self.table, self.engine, self.sampler, self.gen, batch, self.ctx.device)
+        poison = self.cfg.training.fault_nan_at_step == self.step + 1
+        return train_step(self.cfg, self.table, self.engine, self.sampler, self.gen, batch, self.ctx.device, poison)
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.training
         t_start = time.perf_counter()
         events = sequences = 0
-        window_loss, window_n, window_t, window_events = 0.0, 0, time.perf_counter(), 0
+        window_loss, window_t, window_events = 0.0, time.perf_counter(), 0
         while self.loader.epoch < cfg.epochs and not self._done():
             self.engine.train()
             for batch in lockstep(self.loader):  # ranks hold unequal data; all join every step
+                self._maybe_die()
                 loss, n_events = self.train_step(batch)
                 if torch.isfinite(loss):
-                    window_loss += loss.item()
-                    window_n += 1
+                    window_loss += loss.item() * n_events  # dummy steps of a rank out of data weigh 0
                 elif cfg.on_nonfinite_loss == "stop":
                     raise NonFiniteLoss(
-                        f"non-finite loss {loss.item()} at step {self.step} (epoch {self.loader.epoch}, rank "
-                        f"{self.ctx.rank}); stopped before writing a checkpoint from this state"
+                        f"non-finite loss at step {self.step + 1} (epoch {self.loader.epoch}); no update was "
+                        "applied and no checkpoint written from it. Set training.on_nonfinite_loss=skip to skip "
+                        "such batches"
                     )
+                else:
+                    self.skipped_steps += 1
+                    if self.ctx.rank == 0:
+                        print(f"step {self.step + 1}: non-finite loss, batch skipped", flush=True)
                 self.step += 1
                 events += n_events
                 window_events += n_events
                 sequences += 0 if batch is None else int(batch["input_ids"].shape[0])
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
-                    ray.train.report(self._progress(window_loss / max(window_n, 1), window_events / (now - window_t)))
-                    window_loss, window_n, window_t, window_events = 0.0, 0, now, 0
+                    ray.train.report(self._progress(window_loss, window_events, now - window_t))
+                    window_loss, window_t, window_events = 0.0, now, 0
                 if self.cfg.output.checkpoint_every and self.step % self.cfg.output.checkpoint_every == 0:
                     self.save()
                 if self._done():
@@ -144,18 +171,33 @@ class Trainer:
         totals = torch.tensor([events, sequences], dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(totals)
         return {"events_per_s": totals[0].item() / seconds, "sequences_per_s": totals[1].item() / seconds,
-                "steps": self.step, "epochs_completed": self.loader.epoch}
+                "steps": self.step, "epochs_completed": self.loader.epoch, "skipped_steps": self.skipped_steps,
+                "restored_from_checkpoint": self.restored}
+
+    def _maybe_die(self) -> None:
+        """Fault injection for tests: SIGKILL this process once, at the configured step of a run that
+        has not been restarted yet (Ray Train then restores the group from the latest checkpoint)."""
+        f = self.cfg.training
+        if f.fault_kill_at_step == self.step + 1 and self.ctx.rank == f.fault_kill_rank and not self.restored:
+            # Ray's controller polls reports every 2 s; a worker dying sooner after reporting a checkpoint
+            # can lose its registration (Ray then restores the one before). Wait so the test is exact.
+            time.sleep(5)
+            print(f"fault injection: killing rank {self.ctx.rank} (pid {os.getpid()}) before step {self.step + 1}",
+                  flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _done(self) -> bool:
         return bool(self.cfg.training.max_steps) and self.step >= self.cfg.training.max_steps
 
-    def _progress(self, loss: float, local_events_per_s: float) -> dict[str, float]:
-        rate = torch.tensor([local_events_per_s], dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(rate)
+    def _progress(self, loss_sum: float, events: int, seconds: float) -> dict[str, float]:
+        """Loss per target event and events/s over all ranks since the last report."""
+        totals = torch.tensor([loss_sum, events], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(totals)
+        loss, rate = totals[0].item() / max(totals[1].item(), 1), totals[1].item() / seconds
         epoch = self.loader.epoch
-        metrics = {"step": self.step, "epoch": epoch, "loss": loss, "events_per_s": rate.item()}
+        metrics = {"step": self.step, "epoch": epoch, "loss": loss, "events_per_s": rate}
         if self.ctx.rank == 0:
-            print(f"step {self.step:>6}  epoch {epoch}  loss {loss:.4f}  {rate.item():,.0f} events/s", flush=True)
+            print(f"step {self.step:>6}  epoch {epoch}  loss {loss:.4f}  {rate:,.0f} events/s", flush=True)
         return metrics
 
     def save(self) -> None:
@@ -174,6 +216,8 @@ class Trainer:
         shard = ray.train.get_dataset_shard("eval")
         rows = shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="pyarrow")
 
+        users: list[tuple[np.ndarray, np.ndarray]] = []  # (user ids, representations) for export
+
         def batches():
             for part in lockstep(rows):
                 if part is None:  # this rank is done: still join the lookup collective
@@ -181,12 +225,37 @@ class Trainer:
                     yield None
                     continue
                 q = query_tensors(part, self.cfg.model.max_seq_len)
-                yield EvalBatch(self._encode(q["history"]), q["targets"].to(self.ctx.device),
+                user_vecs = self._encode(q["history"])  # (B, D)
+                if self.cfg.output.export_embeddings:
+                    users.append((part.column("user_id").to_numpy(), user_vecs.cpu().numpy()))
+                yield EvalBatch(user_vecs, q["targets"].to(self.ctx.device),
                                 q["seen"].to(self.ctx.device), q["relevant"].to(self.ctx.device))
 
         metrics = evaluate(scorer, batches(), self.cfg.eval.ks, self.cfg.model.dim, self.cfg.eval.exclude_seen)
+        if self.cfg.output.export_embeddings:
+            self.export(scorer, users)
         self.phases["eval"] = time.perf_counter() - t0
         return metrics
+
+    def export(self, scorer: EmbeddingScorer, users: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Item embeddings (this rank's rows) and held-out-day user embeddings, as Parquet for serving:
+        OUT/embeddings/{items,users}/rank{r}.parquet with columns (item_id|user_id, embedding)."""
+        root = Path(self.cfg.output.dir).resolve() / "embeddings"
+        ids = np.arange(scorer.start, scorer.stop)
+        keep = ids != 0  # row 0 is padding
+        dim = self.cfg.model.dim
+        user_ids = np.concatenate([u for u, _ in users]) if users else np.zeros(0, np.int64)
+        user_vecs = np.concatenate([v for _, v in users]) if users else np.zeros((0, dim), np.float32)
+        tables = {
+            "items": ("item_id", ids[keep], scorer.weight.cpu().numpy()[keep]),
+            "users": ("user_id", user_ids, user_vecs),
+        }
+        for name, (key, keys, vecs) in tables.items():
+            (root / name).mkdir(parents=True, exist_ok=True)
+            flat = pa.array(vecs.astype(np.float32).reshape(-1))
+            table = pa.table({key: pa.array(keys, pa.int64()),
+                              "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+            pq.write_table(table, root / name / f"rank{self.ctx.rank}.parquet")
 
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
         """User representations for histories (B, L) -> (B, D), through the sharded table."""
