@@ -58,6 +58,7 @@ def connect_ray(cfg: Config) -> None:
         # Workers take fractional CPUs so Ray Data's read tasks still get some (stack.md: a full
         # reservation on 2 cores backpressures forever); check_resources refuses over-subscription.
         ray.init(
+            address="local",  # always a new instance: never join a cluster that some `ray start` left on this machine
             num_cpus=cpus,
             object_store_memory=512 * 1024**2,
             include_dashboard=False,

@@ -1,0 +1,357 @@
+"""Scaling sweeps: run the trainer over a grid (sequence length, item count, mixer, workers) and plot it.
+
+    python -m cluster.scaling --config configs/scaling/cpu-small.yaml --out DIR [--only SUBSTR ...]
+                              [--timeout-s S] [--retry-failed] [--plots-only]
+
+Each point runs `python -m trainer.train` in its own process (so an out-of-memory kill or a hang costs only
+that point) with output.dir=DIR/points/ID, and records training throughput (events/s), peak memory per
+worker, time per phase and the held-out-day metrics (with the oracle fraction on synthetic logs) as one
+row of DIR/results.csv. A point that runs out of memory, times out or fails is recorded as such and the
+sweep goes on. The sweep is resumable: a point with a record (DIR/points/ID/point.json) is not rerun
+(--retry-failed reruns the failed ones); a point whose Ray failed to start is retried twice at once. Points are identified by their resolved trainer config, so the same
+point in two sweeps runs once. With RAY_ADDRESS set, every point joins that cluster instead of starting Ray.
+
+The config (YAML):
+
+    base: configs/smoke.yaml            # the trainer config every point starts from
+    overrides: [model.dim=16, ...]      # applied to every point
+    metric: hr@10                       # the metric plotted (and divided by the oracle's)
+    timeout_s: 600                      # per point; a sweep may set its own
+    sweeps:
+      seq_len:                          # name: a product over its axes, one plot DIR/seq_len.png
+        axes: {mixer: [fft, dwc, attention], seq_len: [32, 128, 512]}
+        overrides: ["model.mixer={mixer}", "model.max_seq_len={seq_len}", "model.kernel_size={seq_len}"]
+        plot: {x: seq_len, series: mixer}
+"""
+
+import argparse
+import csv
+import hashlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+# Ray's start-up gives the raylet a fixed 30 s to register; on a loaded machine that can fail. Retried.
+TRANSIENT_SIGNS = ("The current node timed out during startup",)
+OOM_SIGNS = ("OutOfMemoryError", "out of memory", "MemoryError", "Cannot allocate memory", "std::bad_alloc")
+COLUMNS = [
+    "sweep", "point", "status", "mixer", "seq_len", "items", "workers", "events_per_s", "sequences_per_s",
+    "peak_mem_mb_max", "peak_mem_mb_mean", "metric", "value", "oracle", "oracle_fraction", "popularity",
+    "train_s", "eval_s", "fit_s", "data_s", "ray_start_s", "build_s", "wall_s", "steps", "error", "overrides",
+]
+AXIS_COLUMNS = ("mixer", "seq_len", "items", "workers")
+
+
+@dataclass
+class Sweep:
+    name: str
+    axes: dict[str, list]
+    overrides: list[str]
+    timeout_s: float
+    plot: dict[str, str] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        names = list(self.axes)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.axes[n] for n in names))]
+
+
+@dataclass
+class SweepConfig:
+    base: str
+    overrides: list[str]
+    metric: str
+    timeout_s: float
+    sweeps: list[Sweep]
+
+
+def load_sweep_config(path: str | Path) -> SweepConfig:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(raw) - {"base", "overrides", "metric", "timeout_s", "sweeps"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]}; valid: base, overrides, metric, timeout_s, sweeps")
+    if "base" not in raw or not (REPO / raw["base"]).is_file():
+        raise ValueError(f"{path}: base must name a trainer config in the repo, got {raw.get('base')!r}")
+    timeout = float(raw.get("timeout_s", 1800))
+    sweeps = []
+    for name, s in (raw.get("sweeps") or {}).items():
+        unknown = set(s) - {"axes", "overrides", "timeout_s", "plot"}
+        if unknown:
+            raise ValueError(f"{path}: sweeps.{name}: unknown key {sorted(unknown)[0]}")
+        axes = s.get("axes") or {}
+        if not axes or any(not isinstance(v, list) or not v for v in axes.values()):
+            raise ValueError(f"{path}: sweeps.{name}.axes must map names to non-empty lists")
+        plot = s.get("plot") or {}
+        for role in ("x", "series"):
+            if role in plot and plot[role] not in axes:
+                raise ValueError(f"{path}: sweeps.{name}.plot.{role}={plot[role]!r} is not one of its axes")
+        sweeps.append(Sweep(name, axes, list(s.get("overrides") or []), float(s.get("timeout_s", timeout)), plot))
+    if not sweeps:
+        raise ValueError(f"{path}: no sweeps")
+    return SweepConfig(raw["base"], list(raw.get("overrides") or []), raw.get("metric", "hr@10"), timeout, sweeps)
+
+
+def point_overrides(cfg: SweepConfig, sweep: Sweep, values: dict[str, Any]) -> list[str]:
+    try:
+        return [*cfg.overrides, *(o.format(**values) for o in sweep.overrides)]
+    except KeyError as e:
+        raise ValueError(f"sweeps.{sweep.name}: override names {e} which is not one of its axes") from None
+
+
+def point_id(resolved: dict[str, Any]) -> str:
+    """Stable name of a point: its resolved trainer config without output.dir, hashed (so the same point
+    reached by two sweeps runs once; a trainer config change, new defaults included, makes new points)."""
+    resolved = {**resolved, "output": {k: v for k, v in resolved["output"].items() if k != "dir"}}
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- running one point
+
+
+def run_point(base: str, overrides: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
+    """Train one point in a child process group; return its record (status ok/oom/timeout/failed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir = out / "run"
+    if train_dir.exists():  # an interrupted attempt: start the point afresh
+        import shutil
+
+        shutil.rmtree(train_dir)
+    cmd = [sys.executable, "-m", "trainer.train", "--config", base, *overrides, f"output.dir={train_dir}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    t0 = time.perf_counter()
+    with open(out / "log.txt", "wb") as log:
+        # its own session: on a time-out the whole group goes (the point's driver and the Ray it started)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+            status = None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            rc, status = proc.returncode, "timeout"
+    wall = time.perf_counter() - t0
+    record: dict[str, Any] = {"overrides": overrides, "returncode": rc, "wall_s": wall}
+    tail = (out / "log.txt").read_text(errors="replace")[-20000:]
+    if status is None:
+        if rc == 0 and (train_dir / "results.json").is_file():
+            status = "ok"
+            record["results"] = json.loads((train_dir / "results.json").read_text())
+        elif rc in (-signal.SIGKILL, 137) or any(s in tail for s in OOM_SIGNS):
+            status = "oom"
+        else:
+            status = "failed"
+    record["status"] = status
+    if status == "failed" and any(sign in tail for sign in TRANSIENT_SIGNS):
+        record["transient"] = True
+    if status != "ok":
+        lines = tail.splitlines()
+        # the last raised exception's line, else any line that mentions an error
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)] or [
+            ln for ln in lines if "Error" in ln or "error" in ln]
+        record["error"] = (errors[-1] if errors else f"exit {rc}" if status != "timeout" else f"> {timeout_s:g}s")[:300]
+    # keep the record and the log, drop the bulky outputs (data, checkpoints)
+    if train_dir.exists():
+        import shutil
+
+        shutil.rmtree(train_dir, ignore_errors=True)
+    (out / "point.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return record
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the point's process group (its driver and the Ray processes it started), then SIGKILL what is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if sig == signal.SIGTERM:
+            time.sleep(2)  # let the group's other processes exit before the SIGKILL sweep
+
+
+def row(sweep: Sweep, values: dict[str, Any], pid: str, record: dict[str, Any], metric: str) -> dict[str, Any]:
+    r: dict[str, Any] = {c: "" for c in COLUMNS}
+    r.update({"sweep": sweep.name, "point": pid, "status": record["status"], "error": record.get("error", ""),
+              "wall_s": round(record["wall_s"], 1), "overrides": " ".join(record["overrides"]), "metric": metric})
+    res = record.get("results")
+    if res:
+        c = res["config"]
+        r.update(mixer=c["model"]["mixer"], seq_len=c["model"]["max_seq_len"], items=c["model"]["num_items"],
+                 workers=c["distributed"]["num_workers"])
+        tp, phases, mem = res["throughput"], res["phases_s"], res["peak_memory_bytes_per_worker"]
+        r.update(events_per_s=round(tp["events_per_s"], 1), sequences_per_s=round(tp["sequences_per_s"], 2),
+                 steps=tp.get("steps", ""), peak_mem_mb_max=round(max(mem) / 2**20, 1),
+                 peak_mem_mb_mean=round(sum(mem) / len(mem) / 2**20, 1))
+        for key in ("train", "eval", "fit", "data", "ray_start", "build"):
+            if key in phases:
+                r[f"{key}_s"] = round(phases[key], 2)
+        r["value"] = res["metrics"].get(metric, "")
+        oracle = res.get("baselines", {}).get("oracle", {}).get(metric)
+        pop = res.get("baselines", {}).get("popularity", {}).get(metric)
+        r["oracle"] = "" if oracle is None else oracle
+        r["popularity"] = "" if pop is None else pop
+        if oracle and r["value"] != "":
+            r["oracle_fraction"] = round(r["value"] / oracle, 4)
+    else:  # a failed point still names where it was on the grid
+        for k in AXIS_COLUMNS:
+            if k in values:
+                r[k] = values[k]
+    return r
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def run_sweep(cfg: SweepConfig, out: Path, only: Sequence[str] = (), timeout_s: Optional[float] = None,
+              retry_failed: bool = False, log=print) -> list[dict[str, Any]]:
+    from trainer.config import load_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sweep in cfg.sweeps:
+        for values in sweep.points():
+            overrides = point_overrides(cfg, sweep, values)
+            label = f"{sweep.name}/" + ",".join(f"{k}={v}" for k, v in values.items())
+            pid = point_id(load_config(REPO / cfg.base, overrides).to_dict())  # refuses an invalid point
+            path = out / "points" / pid / "point.json"
+            record = json.loads(path.read_text()) if path.is_file() else None
+            if only and not any(s in label for s in only):
+                if record is not None:  # not selected, but recorded earlier: it stays in results.csv
+                    rows.append(row(sweep, values, pid, record, cfg.metric))
+                continue
+            if record is None or (retry_failed and record["status"] != "ok"):
+                for attempt in range(1, 4):
+                    log(f"[{label}] running ({pid})" + (f", attempt {attempt}" if attempt > 1 else ""), flush=True)
+                    record = run_point(cfg.base, overrides, path.parent, timeout_s or sweep.timeout_s)
+                    if not record.get("transient"):
+                        break
+                log(f"[{label}] {record['status']} in {record['wall_s']:.0f}s"
+                    + (f": {record['error']}" if record.get("error") else ""), flush=True)
+            else:
+                log(f"[{label}] done before: {record['status']}", flush=True)
+            rows.append(row(sweep, values, pid, record, cfg.metric))
+            write_csv(rows, out / "results.csv")
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- plots
+
+
+PANELS = [("events_per_s", "training throughput (events/s)", True),
+          ("peak_mem_mb_max", "peak memory per worker (MB)", True),
+          ("value", "{metric} (held-out day)", False)]
+
+
+def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per sweep with a plot.x: throughput, memory and the metric against x, a line per series.
+    Points that did not finish are labelled on the x axis with their status (oom, timeout, failed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for sweep in cfg.sweeps:
+        x = sweep.plot.get("x")
+        if not x:
+            continue
+        mine = [r for r in rows if r["sweep"] == sweep.name]
+        if not mine:
+            continue
+        series_key = sweep.plot.get("series")
+        groups: dict[str, list] = {}
+        for r in mine:
+            groups.setdefault(str(r[series_key]) if series_key else sweep.name, []).append(r)
+        fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
+        for ax, (col, label, logy) in zip(axes, PANELS):
+            plotted = False
+            for i, (name, rs) in enumerate(groups.items()):
+                ok = sorted((float(r[x]), float(r[col])) for r in rs if r["status"] == "ok" and r[col] != "")
+                color = f"C{i}"
+                ax.plot([p[0] for p in ok], [p[1] for p in ok], "o-", color=color, label=name)
+                plotted |= bool(ok)
+                for r in rs:  # failed points: a label on the x axis (text does not move the data limits)
+                    if r["status"] != "ok":
+                        ax.text(float(r[x]), 0.03 + 0.07 * i, r["status"], color=color, fontsize=7, ha="center",
+                                transform=ax.get_xaxis_transform())
+            if col == "value":
+                oracle = sorted((float(r[x]), float(r["oracle"])) for r in mine if r["oracle"] not in ("", None))
+                if oracle:
+                    ax.plot([p[0] for p in oracle], [p[1] for p in oracle], "k--", lw=1, label="oracle")
+                pop = sorted((float(r[x]), float(r["popularity"])) for r in mine if r["popularity"] not in ("", None))
+                if pop:
+                    ax.plot([p[0] for p in pop], [p[1] for p in pop], ":", color="gray", lw=1, label="popularity")
+                ax.legend(fontsize=7)
+            xs = sorted({float(r[x]) for r in mine})
+            ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{v:g}" for v in xs])
+            ax.minorticks_off()
+            if logy and plotted:
+                ax.set_yscale("log")
+            ax.set_xlabel(x)
+            ax.set_ylabel(label.format(metric=cfg.metric))
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(title=series_key, fontsize=8)
+        fig.suptitle(f"{sweep.name}: {', '.join(f'{k} {v}' for k, v in sweep.axes.items())}", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{sweep.name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cluster.scaling", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="sweep config, e.g. configs/scaling/cpu-small.yaml")
+    p.add_argument("--out", required=True, help="directory for results.csv, plots and per-point records")
+    p.add_argument("--only", nargs="*", default=(), help="run only points whose label contains one of these")
+    p.add_argument("--timeout-s", type=float, default=None, help="per-point time limit (overrides the config)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun points recorded as oom/timeout/failed")
+    p.add_argument("--plots-only", action="store_true", help="redraw the plots from DIR/results.csv")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_sweep_config(args.config)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    rows = read_csv(out / "results.csv") if args.plots_only else run_sweep(
+        cfg, out, args.only, args.timeout_s, args.retry_failed)
+    for path in plot(cfg, rows, out):
+        print(f"plot: {path}")
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"{len(rows)} points, {failed} not ok; {out / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
