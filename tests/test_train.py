@@ -160,3 +160,13 @@ def test_more_workers_than_cpus_is_refused(two_workers, tmp_path):
 def test_missing_data_path_is_refused(tmp_path):
     with pytest.raises(ValueError, match="log directory does not exist"):
         run(small_config(tmp_path, f"data.path={tmp_path / 'nope'}"))
+
+
+def test_item_ids_beyond_the_table_are_refused(tmp_path):
+    from data.config import SynthConfig
+    from data.synth import generate
+
+    log = generate(SynthConfig(users=40, items=200, days=3, workers=1), tmp_path / "log")
+    with pytest.raises(ValueError, match=r"model.num_items=100 is smaller than the largest item id 200"):
+        run(small_config(tmp_path / "out", f"data.path={log}", "model.num_items=100"))
+
