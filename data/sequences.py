@@ -85,7 +85,7 @@ def build_sequences(
     `cutoff_day` is exclusive: cutoff_day=D keeps the days before D.
     """
     out_dir = os.fspath(out_dir)
-    _prepare_out(out_dir, overwrite)
+    prepare_out(out_dir, overwrite)
     files = list_files(log_dir, start_day, cutoff_day)
     if not files:
         raise LogError(log_dir, f"no day partitions in [{start_day or 'start'}, {cutoff_day or 'end'})")
@@ -96,12 +96,14 @@ def build_sequences(
     raise ValueError(f"backend must be 'ray' or 'arrow', got {backend!r}")
 
 
-def _prepare_out(out_dir: str, overwrite: bool) -> None:
+def prepare_out(out_dir: str, overwrite: bool) -> str:
+    """An empty `out_dir`; a non-empty one is replaced only when `overwrite`."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         if not overwrite:
             raise ValueError(f"{out_dir} is not empty; pass overwrite=True to replace it")
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
+    return out_dir
 
 
 def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_shard: int) -> SequenceStats:

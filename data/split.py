@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.schema import DAY_US, TS, TS_TYPE, USER, DayLike, LogError, PathLike, day_start_us, list_days, to_date
-from data.sequences import SEQ_SCHEMA, gather_slices, list_parts, make_list, sequence_files
+from data.sequences import SEQ_SCHEMA, prepare_out, gather_slices, list_parts, make_list, sequence_files
 
 QUERY_SCHEMA = pa.schema(
     [
@@ -154,13 +154,6 @@ def loo_rows(seqs: pa.Table, part: LooPart, query_len: int) -> pa.Table:
 Backend = Literal["ray", "arrow"]
 
 
-def _fresh(path: str, overwrite: bool) -> str:
-    if os.path.isdir(path) and os.listdir(path):
-        if not overwrite:
-            raise ValueError(f"{path} is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(path)
-    os.makedirs(path, exist_ok=True)
-    return path
 
 
 def _apply(seq_dir: PathLike, out_dir: str, fn, backend: Backend, **kwargs) -> int:
@@ -206,8 +199,8 @@ def held_out_day_split(
     """
     out_dir = os.fspath(out_dir)
     day = to_date(eval_day)
-    train_dir = _fresh(os.path.join(out_dir, "train"), overwrite)
-    eval_dir = _fresh(os.path.join(out_dir, "eval"), overwrite)
+    train_dir = prepare_out(os.path.join(out_dir, "train"), overwrite)
+    eval_dir = prepare_out(os.path.join(out_dir, "eval"), overwrite)
     n_train = _apply(seq_dir, train_dir, train_rows, backend, eval_day=day, train_days=train_days)
     n_eval = _apply(seq_dir, eval_dir, eval_rows, backend, eval_day=day, query_len=query_len, min_history=min_history)
     if n_eval == 0:
@@ -224,7 +217,7 @@ def leave_one_out(
 ) -> SplitResult:
     """Writes out_dir/train (sequences minus the last two events), out_dir/valid and out_dir/test (queries)."""
     out_dir = os.fspath(out_dir)
-    dirs = {part: _fresh(os.path.join(out_dir, part), overwrite) for part in ("train", "valid", "test")}
+    dirs = {part: prepare_out(os.path.join(out_dir, part), overwrite) for part in ("train", "valid", "test")}
     counts = {part: _apply(seq_dir, d, loo_rows, backend, part=part, query_len=query_len) for part, d in dirs.items()}
     return SplitResult(dirs["train"], {"valid": dirs["valid"], "test": dirs["test"]}, counts["train"],
                        {"valid": counts["valid"], "test": counts["test"]})
