@@ -1,9 +1,7 @@
 """Streaming training loader: user sequences -> shuffled batches of left-padded windows.
 
-One code path over three sources of sequence rows (user_id, item_ids):
-  - a directory of sequence shards, read with pyarrow in this process (single process, tests, debugging);
-  - a Ray Dataset (`train_dataset(seq_dir)`), iterated in this process;
-  - a Ray Data iterator, e.g. `ray.train.get_dataset_shard("train")` inside a Ray Train worker.
+The source is a directory of sequence shards (user_id, item_ids); worker `rank` of `world_size` streams
+its contiguous share of the rows with pyarrow (data/shards.py), in one process, under Ray Train or not.
 
 Windows. A user's items x_0..x_{n-1} give n-1 next-item transitions; they are cut from the newest end
 into windows of L transitions, so every transition is a target exactly once per epoch:
@@ -11,17 +9,15 @@ into windows of L transitions, so every transition is a target exactly once per 
     targets    (L,)  x_{s+1} .. x_{e}     0 where the input is padding
 Users with one event give no window. The last (oldest) window of a user is the only partial one.
 
-Order and resumption. An epoch's batches are a pure function of (seed, epoch, rank) and the source's row
-order: shards are visited in an order permuted by (seed, epoch) (directory source) or Ray Data blocks in
-a (seed + epoch)-randomised order (Dataset source; a Ray Train shard keeps the order Ray Data gives it,
-deterministic with `data_config()`), and windows are shuffled in buffers of `shuffle_buffer` windows
-with a generator seeded by (seed, epoch, rank). `state_dict()` is (epoch, batches consumed); a restored
+Order and resumption. An epoch's batches are a pure function of (seed, epoch, rank, world_size) and the
+files: the share's row-group pieces are visited in an order permuted by (seed, epoch), and windows are
+shuffled in buffers of `shuffle_buffer` windows with a generator seeded by (seed, epoch, rank). `state_dict()` is (epoch, batches consumed); a restored
 loader replays the epoch up to that point without building tensors and then yields exactly the batches
 an uninterrupted loader would have.
 """
 
 import os
-from typing import Any, Iterator, Union
+from typing import Iterator, Union
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +26,7 @@ import torch
 
 from data.schema import USER
 from data.sequences import list_parts, sequence_files
+from data.shards import RowShard
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,7 +53,7 @@ class WindowLoader:
 
     def __init__(
         self,
-        source: Union[str, os.PathLike, Any],
+        source: Union[str, os.PathLike],
         *,
         seq_len: int,
         batch_size: int,
@@ -69,12 +66,11 @@ class WindowLoader:
     ) -> None:
         if seq_len < 1 or batch_size < 1 or shuffle_buffer < 1:
             raise ValueError("seq_len, batch_size and shuffle_buffer must be >= 1")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.source = source
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.rank, self.world_size, self.read_rows = rank, world_size, read_rows
+        self.shard = RowShard(sequence_files(source), rank, world_size)
         self.epoch = 0
         self.batches_consumed = 0
 
@@ -143,49 +139,10 @@ class WindowLoader:
                 yield table.column(USER).to_numpy(), off, items
 
     def _tables(self, epoch: int) -> Iterator[pa.Table]:
-        src = self.source
-        if isinstance(src, (str, os.PathLike)):
-            files = sequence_files(src)[self.rank :: self.world_size]
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(files))
-            for i in order:
-                pf = pq.ParquetFile(files[i])
-                for batch in pf.iter_batches(batch_size=self.read_rows, columns=[USER, "item_ids"]):
-                    yield pa.Table.from_batches([batch])
-            return
-        import ray.data
-
-        if isinstance(src, ray.data.Dataset):
-            if self.world_size != 1:
-                raise ValueError("a Ray Dataset source is read whole; use Ray Train shards for several workers")
-            ds = src.randomize_block_order(seed=self.seed + epoch)
-            ds.context.execution_options.preserve_order = True
-            yield from ds.iter_batches(batch_size=self.read_rows, batch_format="pyarrow")
-            return
-        # A Ray Data iterator (a Ray Train shard): each call to iter_batches is a new pass over it.
-        yield from src.iter_batches(batch_size=self.read_rows, batch_format="pyarrow")
+        return self.shard.iter_tables([USER, "item_ids"], self.read_rows, order_seed=(self.seed, epoch))
 
 
-# ---------------------------------------------------------------- Ray Train plumbing
-
-
-def train_dataset(seq_dir: Union[str, os.PathLike]):
-    """A Ray Dataset of training sequences for `ray.train` (pass as datasets={"train": ...})."""
-    import ray.data
-
-    from data.ray_utils import ensure_ray
-
-    ensure_ray()
-    ds = ray.data.read_parquet(sequence_files(seq_dir), columns=[USER, "item_ids"], shuffle=None)
-    ds.context.execution_options.preserve_order = True
-    return ds
-
-
-def data_config():
-    """Ray Train DataConfig that splits "train" across workers in a deterministic order (for exact resumption)."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    return DataConfig(datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True))
+# ---------------------------------------------------------------- TorchRec plumbing
 
 
 def to_kjt(input_ids: torch.Tensor, key: str = "item"):
@@ -204,7 +161,7 @@ def to_kjt(input_ids: torch.Tensor, key: str = "item"):
     )
 
 
-def make_loader(source: Any, *, seq_len: int, batch_size: int, seed: int, shuffle_buffer: int = 8192,
+def make_loader(source: Union[str, os.PathLike], *, seq_len: int, batch_size: int, seed: int, shuffle_buffer: int = 8192,
                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> WindowLoader:
     """The trainer's entry point (keyword names match the config: model.max_seq_len, training.batch_size...)."""
     return WindowLoader(source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,

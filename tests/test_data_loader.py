@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.config import SynthConfig
-from data.loader import WindowLoader, cut_windows, data_config, to_kjt, train_dataset
+from data.loader import WindowLoader, cut_windows, to_kjt
 from data.sequences import build_sequences, list_parts, read_sequences
 from data.synth import generate
 
@@ -87,17 +87,6 @@ def test_restored_loader_yields_exactly_the_uninterrupted_batches(seq_dir):
     _check_resume(lambda: WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100), stop_at=7)
 
 
-def test_restore_with_a_ray_dataset_source(seq_dir, ray_local):
-    ds = train_dataset(seq_dir)
-    make = lambda: WindowLoader(ds, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100, read_rows=64)  # noqa: E731
-    # Each pass is a Ray Data job, so two: one uninterrupted epoch, one restored at batch 5 (the saved state
-    # itself is checked with the directory source above).
-    want = list(make())
-    resumed = make()
-    resumed.load_state_dict({"epoch": 0, "batches_consumed": 5, "seed": 5})
-    assert len(want) > 5 and _same(list(resumed), want[5:])
-
-
 def test_state_from_another_seed_is_refused(seq_dir):
     loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=1)
     with pytest.raises(ValueError, match="seed"):
@@ -105,18 +94,17 @@ def test_state_from_another_seed_is_refused(seq_dir):
 
 
 def _worker(config: dict) -> None:
-    """Ray Train worker: read its shard, then check a restored loader replays the same batches."""
+    """Ray Train worker: read its share of the rows, then check a restored loader replays the same batches."""
     import ray.train
 
     from data.loader import WindowLoader
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    shard = ray.train.get_dataset_shard("train")
     kw = dict(seq_len=config["L"], batch_size=config["B"], seed=9, shuffle_buffer=50, rank=rank,
               world_size=ctx.get_world_size(), read_rows=32)
-    full = [{k: v.tolist() for k, v in b.items()} for b in WindowLoader(shard, **kw)]
-    resumed = WindowLoader(shard, **kw)
+    full = [{k: v.tolist() for k, v in b.items()} for b in WindowLoader(config["seq_dir"], **kw)]
+    resumed = WindowLoader(config["seq_dir"], **kw)
     resumed.load_state_dict({"epoch": 0, "batches_consumed": 2, "seed": 9})
     rest = [{k: v.tolist() for k, v in b.items()} for b in resumed]
     with open(f"{config['out']}/rank{rank}.json", "w") as f:
@@ -129,10 +117,8 @@ def test_ray_train_shards_cover_the_data_and_resume(seq_dir, tmp_path, ray_local
 
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"L": L, "B": B, "out": str(tmp_path)},
+        train_loop_config={"L": L, "B": B, "out": str(tmp_path), "seq_dir": str(seq_dir)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": train_dataset(seq_dir)},
-        dataset_config=data_config(),
     )
     trainer.fit()
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -147,3 +133,38 @@ def test_keyed_jagged_tensor_keeps_padding_positions():
     kjt = to_kjt(ids)
     assert kjt.keys() == ["item"]
     assert kjt.lengths().tolist() == [3, 3] and kjt.values().tolist() == [0, 0, 3, 4, 5, 6]
+
+
+# ---------------------------------------------------------------- row shares
+
+
+def test_row_shares_are_contiguous_balanced_and_cover_every_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.shards import RowShard
+
+    # three files, 23 + 0 + 40 rows, with row groups of 7 rows: shares cut across files and row groups
+    files = []
+    for i, (a, b) in enumerate([(0, 23), (23, 23), (23, 63)]):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"x": pa.array(range(a, b), pa.int64())}), files[-1], row_group_size=7)
+    for world in (1, 2, 3, 5, 64, 70):
+        shards = [RowShard(files, r, world) for r in range(world)]
+        rows = [[v for t in s.iter_tables(["x"], batch_rows=4) for v in t.column("x").to_pylist()] for s in shards]
+        assert [v for r in rows for v in r] == list(range(63))  # in order, none dropped or repeated
+        assert max(map(len, rows)) - min(map(len, rows)) <= 1
+        # a permuted piece order holds the same rows
+        again = [v for s in shards for t in s.iter_tables(["x"], order_seed=(1, 2)) for v in t.column("x").to_pylist()]
+        assert sorted(again) == list(range(63))
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        RowShard(files, 2, 2)
+
+
+def test_two_ranks_get_balanced_batches_of_a_single_file(tmp_path):
+    cfg = SynthConfig(users=100, items=50, days=2, seed=1, events_per_user=20, users_per_chunk=100, workers=1)
+    generate(cfg, tmp_path / "log")
+    build_sequences(tmp_path / "log", tmp_path / "seq", backend="arrow")  # one shard
+    counts = [len(list(WindowLoader(tmp_path / "seq", seq_len=L, batch_size=B, rank=r, world_size=2)))
+              for r in (0, 1)]
+    assert min(counts) > 2 and min(counts) >= 0.8 * max(counts)

@@ -108,7 +108,8 @@ class Checkpointer:
     def __init__(self, cfg: Config, ctx) -> None:
         self.cfg, self.ctx = cfg, ctx
 
-    def save(self, state: dict[str, Any], table, engine, loader, metrics: dict[str, Any]) -> None:
+    def save(self, state: dict[str, Any], table, engine, loader, metrics: dict[str, Any], die: bool = False) -> None:
+        """Write this rank's part and report it. `die`: fault injection, SIGKILL halfway through the upload."""
         with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.ctx.rank}-") as tmp:
             root = Path(tmp)
             table.save(root / "table")  # collective: DCP, each rank its own shard files
@@ -122,7 +123,8 @@ class Checkpointer:
                         "step": state["step"], "epoch": state["epoch"]}
                 (root / "meta.json").write_text(json.dumps(meta, indent=1))
             write_manifest(root, self.ctx.rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            upload = _upload_half_then_die if die else None
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload)
 
     def load(self, checkpoint: "ray.train.Checkpoint", table, engine, loader) -> dict[str, Any]:
         with checkpoint.as_directory() as tmp:
@@ -136,3 +138,27 @@ class Checkpointer:
         if self.ctx.rank == 0:
             print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']})", flush=True)
         return state
+
+
+def _upload_half_then_die(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+    """Fault injection: copy half of this rank's files into the checkpoint's storage directory (as Ray's
+    own upload would), then SIGKILL this process: a crash in the middle of writing a checkpoint."""
+    import os
+    import signal
+    import time
+
+    import pyarrow.fs
+
+    # Ray's controller polls reports every 2 s: let the previous checkpoint's registration land first.
+    time.sleep(5)
+    storage = ray.train.get_context().get_storage()
+    dest = storage.build_checkpoint_path_from_name(dir_name)
+    files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
+    for f in files[: len(files) // 2]:
+        target = f"{dest}/{f.relative_to(checkpoint.path).as_posix()}"
+        storage.storage_filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        pyarrow.fs.copy_files(str(f), target, destination_filesystem=storage.storage_filesystem)
+    print(f"fault injection: killing pid {os.getpid()} after uploading {len(files) // 2} of {len(files)} files "
+          f"of {dir_name}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable")

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data.loader import train_dataset
 from trainer.callbacks import build_callbacks
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
@@ -19,26 +18,6 @@ from trainer.report import write_results
 from trainer.worker import train_worker
 
 RUN_NAME = "train"
-
-
-class EveryRowDataConfig(DataConfig):
-    """Split every dataset across workers without dropping rows.
-
-    Ray Train's DataConfig splits with equal=True, which drops up to world_size - 1 rows so that
-    shards are equal: evaluation queries and training users would vanish silently. The training
-    and evaluation loops tolerate unequal shards (every rank joins every collective until all are
-    done), so split with equal=False. Block order is preserved, so each worker's shard is the same
-    on every run (exact resumption).
-    """
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output: list[dict] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            ds = ds.copy(ds)
-            ds.context.execution_options.preserve_order = True
-            for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                output[rank][name] = split
-        return output
 
 
 def connect_ray(cfg: Config) -> None:
@@ -129,8 +108,6 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
             callbacks=build_callbacks(cfg, out),
         ),
-        datasets={"train": train_dataset(data.train_sequences), "eval": ray.data.read_parquet(data.eval_queries)},
-        dataset_config=EveryRowDataConfig(),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

@@ -5,7 +5,7 @@
 3. the item table: a TorchRec EmbeddingCollection sharded by DistributedModelParallel, with the
    sparse optimizer fused into its backward
 4. DeepSpeed over the dense tower only (never over the TorchRec module: stack.md)
-5. this worker's shard of the training sequences
+5. this worker's share of the training sequences (a fixed row range of the Parquet files)
 6. the checkpointer, restoring when Ray Train hands back a checkpoint
 
 then `train()` and `evaluate()`.
@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 from data.loader import make_loader
+from data.sequences import sequence_files
+from data.shards import RowShard
 from model.convformer import SequenceEncoder, last_hidden
 from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
 from trainer.checkpoint import Checkpointer
@@ -96,9 +98,9 @@ class Trainer:
         # 4. DeepSpeed over the dense tower.
         self.engine = wrap_dense(encoder, cfg, self.ctx)
 
-        # 5. Data: this worker's shard; negatives drawn per rank from the training-window popularity.
+        # 5. Data: this worker's share of the rows; negatives drawn per rank from the training-window popularity.
         self.loader = make_loader(
-            ray.train.get_dataset_shard("train"), seq_len=cfg.model.max_seq_len, batch_size=cfg.training.batch_size,
+            data.train_sequences, seq_len=cfg.model.max_seq_len, batch_size=cfg.training.batch_size,
             seed=cfg.training.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
@@ -110,13 +112,17 @@ class Trainer:
         # 6. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
         self.checkpointer = Checkpointer(cfg, self.ctx)
         self.step = 0  # the loader keeps the epoch and the position within it
+        self.saved_step = -1
         self.skipped_steps = 0
         self.restored = False
+        # model selection on the validation split: best score, its epoch, validations since, its weights
+        self.best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "bad": 0, "metrics": None, "weights": None}
         if (ckpt := ray.train.get_checkpoint()) is not None:
             self.restored = True
             state = self.checkpointer.load(ckpt, self.table, self.engine, self.loader)
             self.step = state["step"]
             self.gen.set_state(state["generator"])
+            self.best = state.get("best", self.best)
             torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
         self.phases["build"] = time.perf_counter() - t0
 
@@ -136,7 +142,7 @@ class Trainer:
         t_start = time.perf_counter()
         events = sequences = 0
         window_loss, window_t, window_events = 0.0, time.perf_counter(), 0
-        while self.loader.epoch < cfg.epochs and not self._done():
+        while self.loader.epoch < cfg.epochs and not self._done() and not self._patience_spent():
             self.engine.train()
             for batch in lockstep(self.loader):  # ranks hold unequal data; all join every step
                 self._maybe_die()
@@ -165,20 +171,23 @@ class Trainer:
                     self.save()
                 if self._done():
                     break
-            self.save()  # end of epoch (or of max_steps)
+            validated = self.validate()
+            if validated or self.saved_step != self.step:
+                self.save()  # end of epoch (or of max_steps), with the early-stopping state
         seconds = time.perf_counter() - t_start
         self.phases["train"] = seconds
         totals = torch.tensor([events, sequences], dtype=torch.float64, device=self.ctx.device)
         dist.all_reduce(totals)
         return {"events_per_s": totals[0].item() / seconds, "sequences_per_s": totals[1].item() / seconds,
                 "steps": self.step, "epochs_completed": self.loader.epoch, "skipped_steps": self.skipped_steps,
-                "restored_from_checkpoint": self.restored}
+                "restored_from_checkpoint": self.restored, "stopped_early": self._patience_spent()}
 
     def _maybe_die(self) -> None:
         """Fault injection for tests: SIGKILL this process once, at the configured step of a run that
         has not been restarted yet (Ray Train then restores the group from the latest checkpoint)."""
         f = self.cfg.training
-        if f.fault_kill_at_step == self.step + 1 and self.ctx.rank == f.fault_kill_rank and not self.restored:
+        if (f.fault_kill_at_step == self.step + 1 and self.ctx.rank == f.fault_kill_rank and not self.restored
+                and not f.fault_kill_in_save):
             # Ray's controller polls reports every 2 s; a worker dying sooner after reporting a checkpoint
             # can lose its registration (Ray then restores the one before). Wait so the test is exact.
             time.sleep(5)
@@ -202,19 +211,60 @@ class Trainer:
 
     def save(self) -> None:
         progress = {"step": self.step, "epoch": self.loader.epoch}
-        state = {**progress, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state()}
-        self.checkpointer.save(state, self.table, self.engine, self.loader, metrics=progress)
+        state = {**progress, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "best": self.best}
+        f = self.cfg.training
+        die = (f.fault_kill_in_save and f.fault_kill_at_step == self.step and self.ctx.rank == f.fault_kill_rank
+               and not self.restored)
+        self.checkpointer.save(state, self.table, self.engine, self.loader, metrics=progress, die=die)
+        self.saved_step = self.step
+
+    # ------------------------------------------------------------------ evaluation
+
+    # ------------------------------------------------------------------ model selection
+
+    def validate(self, force: bool = False) -> bool:
+        """At the end of every eval.every_epochs-th epoch, when there is a validation split: score it, keep
+        the best weights, count validations without improvement. Returns whether it ran."""
+        e = self.cfg.eval
+        if self.data.valid_queries is None or (self.loader.epoch % e.every_epochs and not force):
+            return False
+        metrics = self.evaluate(self.data.valid_queries)
+        score = metrics[e.select]
+        if score > self.best["score"]:
+            self.best = {"score": score, "epoch": self.loader.epoch, "bad": 0, "metrics": metrics,
+                         "weights": self._snapshot()}
+        else:
+            self.best["bad"] += 1
+        if self.ctx.rank == 0:
+            print(f"epoch {self.loader.epoch}  valid {e.select} {score:.4f}  best {self.best['score']:.4f} "
+                  f"(epoch {self.best['epoch']})", flush=True)
+        ray.train.report({"step": self.step, "epoch": self.loader.epoch, **{f"valid/{k}": v for k, v in metrics.items()}})
+        return True
+
+    def _patience_spent(self) -> bool:
+        return bool(self.cfg.eval.patience) and self.best["bad"] >= self.cfg.eval.patience
+
+    def _snapshot(self) -> dict[str, Any]:
+        """This rank's weights (its table shards and the dense tower), copied to host memory."""
+        return {"table": [w.detach().cpu().clone() for _, w in self.table.local_shards()],
+                "dense": {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}}
+
+    @torch.no_grad()
+    def _restore(self, weights: dict[str, Any]) -> None:
+        for (_, w), saved in zip(self.table.local_shards(), weights["table"]):
+            w.copy_(saved)
+        self.engine.module.load_state_dict(weights["dense"])
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Full-catalogue ranking of the held-out day's queries; every rank scores its own rows."""
+    def evaluate(self, queries: str, export: bool = False) -> dict[str, float]:
+        """Full-catalogue ranking of a directory of queries; every rank scores its own rows."""
         t0 = time.perf_counter()
         self.engine.eval()
         scorer = EmbeddingScorer.from_table(self.table)  # collective
-        shard = ray.train.get_dataset_shard("eval")
-        rows = shard.iter_batches(batch_size=self.cfg.eval.batch_size, batch_format="pyarrow")
+        shard = RowShard(sequence_files(queries), self.ctx.rank, self.ctx.world_size)
+        rows = shard.iter_tables(batch_rows=self.cfg.eval.batch_size)
 
         users: list[tuple[np.ndarray, np.ndarray]] = []  # (user ids, representations) for export
 
@@ -226,15 +276,15 @@ class Trainer:
                     continue
                 q = query_tensors(part, self.cfg.model.max_seq_len)
                 user_vecs = self._encode(q["history"])  # (B, D)
-                if self.cfg.output.export_embeddings:
+                if export:
                     users.append((part.column("user_id").to_numpy(), user_vecs.cpu().numpy()))
                 yield EvalBatch(user_vecs, q["targets"].to(self.ctx.device),
                                 q["seen"].to(self.ctx.device), q["relevant"].to(self.ctx.device))
 
         metrics = evaluate(scorer, batches(), self.cfg.eval.ks, self.cfg.model.dim, self.cfg.eval.exclude_seen)
-        if self.cfg.output.export_embeddings:
+        if export:
             self.export(scorer, users)
-        self.phases["eval"] = time.perf_counter() - t0
+        self.phases["eval"] = self.phases.get("eval", 0.0) + time.perf_counter() - t0
         return metrics
 
     def export(self, scorer: EmbeddingScorer, users: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -267,12 +317,20 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         throughput = self.train()
-        metrics = self.evaluate()
+        selection = None
+        if self.data.valid_queries is not None:
+            if self.best["weights"] is None:  # no validation was due: validate the final weights
+                self.validate(force=True)
+            self._restore(self.best["weights"])
+            selection = {"select": self.cfg.eval.select, "best_epoch": self.best["epoch"],
+                         "metrics": self.best["metrics"], "stopped_early": self._patience_spent()}
+        metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings)
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], device=self.ctx.device)
         peaks = [torch.zeros_like(peak) for _ in range(self.ctx.world_size)]
         dist.all_gather(peaks, peak)
         return {
             "metrics": metrics,
+            "validation": selection,
             "throughput": throughput,
             "phases_s": self.phases,
             "peak_memory_bytes_per_worker": [int(p.item()) for p in peaks],
