@@ -87,6 +87,9 @@ class SynthConfig:
 class DataConfig:
     path: str = ""  # directory of day=YYYY-MM-DD/*.parquet; empty means generate `synth` under output.dir
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # held_out_day: train on the days before eval_day, evaluate that day's events. leave_one_out: per user,
+    # the last event is the test target and the one before it the validation target (MovieLens protocol).
+    split: Literal["held_out_day", "leave_one_out"] = "held_out_day"
     eval_day: Optional[str] = None  # YYYY-MM-DD held out for evaluation; None: the last day in the log
     train_days: int = 0  # training window: days before eval_day; 0 means all of them
     min_history: int = 1  # events a user needs before eval_day to be evaluated
@@ -102,6 +105,8 @@ class DataConfig:
             raise ValueError(f"data.path must be a string, got {self.path!r}")
         if not isinstance(self.synth, SynthConfig):
             raise ValueError(f"data.synth must be a SynthConfig, got {type(self.synth).__name__}")
+        if self.split not in ("held_out_day", "leave_one_out"):
+            raise ValueError(f"data.split must be 'held_out_day' or 'leave_one_out', got {self.split!r}")
         _check_int("data", "train_days", self.train_days, 0)
         _check_int("data", "min_history", self.min_history, 1)
         if self.eval_day is not None:

@@ -40,6 +40,20 @@ def item_counts(
     return counts
 
 
+def sequence_item_counts(seq_dir: PathLike, num_items: int) -> np.ndarray:
+    """(num_items + 1,) int64 occurrences of each item in a directory of sequences (e.g. the training split)."""
+    import pyarrow.parquet as pq
+
+    from data.sequences import list_parts, sequence_files
+
+    counts = np.zeros(num_items + 1, dtype=np.int64)
+    for path in sequence_files(seq_dir):
+        for batch in pq.ParquetFile(path).iter_batches(columns=["item_ids"]):
+            _, items = list_parts(batch.column(0))
+            counts += np.bincount(items, minlength=num_items + 1)[: num_items + 1]
+    return counts
+
+
 def window_days(eval_day: DayLike, train_days: int, log_days: Iterable[dt.date]) -> list[dt.date]:
     """The training days of a held-out split: [eval_day - train_days, eval_day), or every earlier day if 0."""
     d = to_date(eval_day)

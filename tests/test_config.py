@@ -7,14 +7,15 @@ import pytest
 from trainer.config import Config, dump_config, load_config
 
 # Trainer configs; sweep definitions under configs/scaling/ are loaded by tests/test_scaling.py.
-CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted([*ROOT.joinpath("configs").glob("*.yaml"), *ROOT.joinpath("configs", "movielens").glob("*.yaml")])
 
 
 def test_configs_exist():
     assert len(CONFIGS) >= 3
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
@@ -81,3 +82,15 @@ def test_missing_and_bad_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ValueError, match="mapping at the top level"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.split=k_fold", "data.split=.k_fold. is not one of"),
+    ("eval.select=ndcg@7", r"eval.select must be .* k in eval.ks"),
+    ("eval.select=auc", "eval.select must be"),
+    ("eval.patience=-1", "eval.patience"),
+    ("training.fault_kill_in_save=true", "fault_kill_in_save needs a checkpoint"),
+])
+def test_selection_and_split_mistakes_are_refused(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])

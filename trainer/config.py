@@ -36,9 +36,11 @@ class TrainingConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_failures: int = 0  # worker failures Ray Train recovers from (restarting from the latest checkpoint)
     # Fault injection, for reliability tests: 0 disables. Kill rank `fault_kill_rank` (SIGKILL) before step N
-    # of a run not yet restarted; make the loss NaN at step N.
+    # of a run not yet restarted (with fault_kill_in_save: halfway through uploading step N's checkpoint);
+    # make the loss NaN at step N.
     fault_kill_at_step: int = 0
     fault_kill_rank: int = 0
+    fault_kill_in_save: bool = False
     fault_nan_at_step: int = 0
     log_every: int = 20
     loss: LossConfig = field(default_factory=LossConfig)
@@ -93,12 +95,25 @@ class EvalConfig:
     batch_size: int = 512  # queries per scoring step
     popularity_baseline: bool = True
     oracle: bool = True  # synthetic logs only
+    # With a validation split (data.split=leave_one_out): validate every `every_epochs` epochs, keep the
+    # weights that score best on `select`, stop after `patience` validations without improvement (0: never),
+    # and report test metrics of the best weights. The test split never steers training.
+    every_epochs: int = 1
+    patience: int = 0
+    select: str = "ndcg@10"
 
     def __post_init__(self) -> None:
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"eval.ks must be a non-empty list of positive ints, got {self.ks}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.every_epochs < 1 or self.patience < 0:
+            raise ValueError(f"eval.every_epochs must be >= 1 and eval.patience >= 0, got {self.every_epochs}, "
+                             f"{self.patience}")
+        name, _, k = self.select.partition("@")
+        if not (self.select == "mrr" or (name in ("hr", "ndcg", "recall") and k.isdigit() and int(k) in self.ks)):
+            raise ValueError(f"eval.select must be 'mrr' or hr|ndcg|recall@k with k in eval.ks={self.ks}, "
+                             f"got {self.select!r}")
 
 
 @dataclass
@@ -129,6 +144,12 @@ class Config:
                 f"training.positions='all' needs a causal mixer, but model.mixer='{self.model.mixer}' with "
                 f"model.padding='{self.model.padding}' lets position t see later inputs; "
                 "use model.padding=zero or training.positions=last"
+            )
+        every = self.output.checkpoint_every
+        if self.training.fault_kill_in_save and not (every and self.training.fault_kill_at_step % every == 0):
+            raise ValueError(
+                f"training.fault_kill_in_save needs a checkpoint at training.fault_kill_at_step="
+                f"{self.training.fault_kill_at_step}: make it a multiple of output.checkpoint_every={every}"
             )
 
         if not self.data.path and self.data.synth.items > self.model.num_items:

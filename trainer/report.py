@@ -30,7 +30,10 @@ def _metric_keys(rows: dict[str, dict[str, float]]) -> list[str]:
 
 def format_table(results: dict[str, Any]) -> str:
     """Rows: model, baselines; columns: metrics. The model also as a fraction of the oracle, when known."""
+    selection = results.get("validation")
     rows = {"model": results["metrics"], **results.get("baselines", {})}
+    if selection:  # leave-one-out: the rows above are test metrics of the weights chosen on validation
+        rows["valid (best)"] = selection["metrics"]
     keys = _metric_keys({"model": results["metrics"]})
     lines = [f"{'':<12}" + "".join(f"{k:>11}" for k in keys)]
     for name, metrics in rows.items():
@@ -39,6 +42,9 @@ def format_table(results: dict[str, Any]) -> str:
     if oracle:
         fractions = {k: results["metrics"][k] / oracle[k] for k in keys if oracle.get(k) and k in results["metrics"]}
         lines.append(f"{'model/oracle':<12}" + "".join(f"{fractions.get(k, float('nan')):>11.3f}" for k in keys))
+    if selection:
+        lines.append(f"weights of epoch {selection['best_epoch']}, best validation {selection['select']}"
+                     + (" (stopped early)" if selection["stopped_early"] else ""))
     tp = results.get("throughput", {})
     if tp:
         lines.append(

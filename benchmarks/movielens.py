@@ -1,0 +1,76 @@
+"""Leave-one-out MovieLens runs through the full trainer (Ray Train, TorchRec, DeepSpeed), one after
+another, collected into one JSON with wall time and hardware per run.
+
+    make movielens   # fetch the data once
+    python -m benchmarks.movielens --out benchmarks/results/movielens-cpu.json \\
+        --run ml-1m-convformer-f --run ml-1m-sasrec --run ml-1m-convformer-f:bce=training.loss.type=bce
+
+A run is `CONFIG[:NAME=OVERRIDE,...]` where CONFIG names configs/movielens/CONFIG.yaml. Runs already in the
+output file are skipped (delete an entry to redo it); each finished run is written at once.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import load_config
+from trainer.launch import run
+
+
+def parse_run(spec: str) -> tuple[str, str, list[str]]:
+    """'ml-1m-sasrec' or 'ml-1m-sasrec:bce=training.loss.type=bce,training.epochs=5' -> (key, config, overrides)."""
+    config, _, rest = spec.partition(":")
+    if not rest:
+        return config, config, []
+    label, _, overrides = rest.partition("=")
+    if not overrides:
+        raise ValueError(f"--run {spec!r}: expected CONFIG:LABEL=key=value[,key=value...]")
+    return f"{config}:{label}", config, overrides.split(",")
+
+
+def hardware() -> dict[str, Any]:
+    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/movielens-cpu.json")
+    p.add_argument("--run", action="append", required=True, help="CONFIG[:LABEL=key=value,...]")
+    p.add_argument("--runs-dir", default="runs/movielens", help="output.dir of each run goes under here")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    done: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    for spec in args.run:
+        key, config, overrides = parse_run(spec)
+        if key in done:
+            print(f"{key}: already in {out}, skipped", flush=True)
+            continue
+        run_dir = Path(args.runs_dir) / key.replace(":", "-")
+        cfg = load_config(f"configs/movielens/{config}.yaml", [*overrides, f"output.dir={run_dir}"])
+        t0 = time.perf_counter()
+        results = run(cfg, resume=(run_dir / "ray").exists())
+        done[key] = {
+            "config": f"configs/movielens/{config}.yaml", "overrides": overrides,
+            "wall_s": round(time.perf_counter() - t0, 1), "hardware": hardware(),
+            "test": results["metrics"], "validation": results["validation"],
+            "popularity": results["baselines"].get("popularity"), "throughput": results["throughput"],
+            "data": {k: results["data"][k] for k in ("num_train_users", "num_eval_queries", "num_valid_queries")},
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(done, indent=1) + "\n")
+        m = results["metrics"]
+        print(f"{key}: HR@10 {m['hr@10']:.4f}  NDCG@10 {m['ndcg@10']:.4f}  "
+              f"(best epoch {results['validation']['best_epoch']}, {done[key]['wall_s']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
