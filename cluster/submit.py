@@ -7,9 +7,12 @@ The address comes from --address or RAY_JOB_ADDRESS / RAY_ADDRESS (e.g. http://H
 token, if the cluster needs one, only from RAY_JOB_TOKEN or the file named by RAY_JOB_TOKEN_FILE, never
 from a config or the command line.
 The repo root is uploaded as the job's working directory (without .venv, data and outputs).
-Results: the job writes output.dir under --storage (a path every node and this machine can read;
-default runs/jobs on this machine, right for a local cluster); if that is not readable from here,
-results.json is recovered from the job's log, where the trainer prints it last.
+Results: with a directory --storage (a path every node and this machine can read; default runs/jobs on this
+machine, right for a local cluster) the job's output.dir is STORAGE/JOB_ID. With a URI --storage
+(s3://bucket/runs, gs://..., anything pyarrow.fs opens) the job's output.storage (checkpoints, results.json,
+metrics.jsonl) is URI/JOB_ID and its output.dir (prepared data) is --output-dir/JOB_ID. results.json is read
+from the storage (a URI through pyarrow.fs), else from output.dir, else from the job's log, where the trainer
+prints it last.
 """
 
 import argparse
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from trainer import storage as stores
+from trainer.config import apply_override
 from trainer.report import RESULTS_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,10 +57,24 @@ def runtime_env(deps: str) -> dict[str, Any]:
     return env
 
 
-def entrypoint(config: str, overrides: Sequence[str], output_dir: str) -> str:
+def entrypoint(config: str, overrides: Sequence[str], output_dir: str, storage: Optional[str] = None) -> str:
     args = ["python", "-m", "trainer.train", "--config", config, *overrides, f"output.dir={output_dir}",
-            "--print-results"]
+            *([f"output.storage={storage}"] if storage else []), "--print-results"]
     return " ".join(_quote(a) for a in args)
+
+
+def configured_storage(config: Path, overrides: Sequence[str]) -> str:
+    """output.storage as the config file and overrides set it ("" if not), without validating the rest."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config.read_text()) or {}
+        for item in overrides:
+            apply_override(raw, item)
+        value = (raw.get("output") or {}).get("storage") or ""
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return ""  # the job's own config check reports it
+    return value if isinstance(value, str) else ""
 
 
 def _quote(s: str) -> str:
@@ -78,7 +97,17 @@ def follow(c, job_id: str) -> str:
     return status
 
 
-def fetch_results(c, job_id: str, output_dir: str) -> Optional[dict]:
+def fetch_results(c, job_id: str, output_dir: str, storage: Optional[str] = None) -> Optional[dict]:
+    """From the job's output.storage (a directory or a URI) if set and readable from here, else from its
+    output.dir, else from its log."""
+    if storage and (stores.is_uri(storage) or Path(storage).is_absolute()):
+        try:
+            text = stores.read_text(stores.join(stores.location(storage), "results.json"))
+        except Exception as e:  # no credentials or no route from this machine: the log still has it
+            print(f"[results.json not readable from {storage}: {e}]", file=sys.stderr)
+            text = None
+        if text is not None:
+            return json.loads(text)
     path = Path(output_dir) / "results.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -92,21 +121,26 @@ def submit(args: argparse.Namespace) -> int:
     config = Path(args.config)
     if not (REPO / config).is_file() and not config.is_file():
         raise SystemExit(f"config {args.config} not found (paths are relative to the repo root)")
-    if args.storage and "://" in args.storage:
-        raise SystemExit(
-            f"--storage {args.storage}: URIs are not supported yet (the trainer writes output.dir with local file "
-            "I/O); use a directory every node and this machine mount, e.g. NFS / EFS / Filestore at one path")
-    c = client(args.address)
     job_id = args.job_id or f"convformer-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(args.storage).resolve() if args.storage else REPO / "runs" / "jobs"
-    output_dir = str(storage / job_id)
+    job_storage = None  # output.storage set by --storage
+    if args.storage and stores.is_uri(args.storage):  # the job's config check validates it, where it is used
+        job_storage = str(stores.join(args.storage, job_id))
+        parent = Path(args.output_dir).resolve() if args.output_dir else REPO / "runs" / "jobs"
+    else:
+        parent = Path(args.storage).resolve() if args.storage else REPO / "runs" / "jobs"
+        if args.output_dir:  # data apart from the checkpoints and results
+            job_storage = str(parent / job_id)
+            parent = Path(args.output_dir).resolve()
+    output_dir = str(parent / job_id)
+    c = client(args.address)
     c.submit_job(
-        entrypoint=entrypoint(str(config), args.overrides, output_dir),
+        entrypoint=entrypoint(str(config), args.overrides, output_dir, job_storage),
         submission_id=job_id,
         runtime_env=runtime_env(args.deps),
         entrypoint_num_cpus=0,
     )
-    print(f"submitted {job_id}; output.dir={output_dir}", flush=True)
+    print(f"submitted {job_id}; output.dir={output_dir}" + (f", output.storage={job_storage}" if job_storage else ""),
+          flush=True)
     if args.no_wait:
         print(f"  python -m cluster.submit logs {job_id} --follow")
         return 0
@@ -114,11 +148,12 @@ def submit(args: argparse.Namespace) -> int:
     print(f"job {job_id}: {status}")
     if status != "SUCCEEDED":
         return 1
-    results = fetch_results(c, job_id, output_dir)
+    stored = job_storage or configured_storage(REPO / config if (REPO / config).is_file() else config, args.overrides)
+    results = fetch_results(c, job_id, output_dir, stored)
     if results is None:
         print("results.json not found in storage or in the job log", file=sys.stderr)
         return 1
-    local = Path(args.results_to or storage / job_id) / "results.json"
+    local = Path(args.results_to or output_dir) / "results.json"
     local.parent.mkdir(parents=True, exist_ok=True)
     if not local.exists():
         local.write_text(json.dumps(results, indent=2) + "\n")
@@ -155,7 +190,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--address", default=None, help="job server URL (default: RAY_JOB_ADDRESS or RAY_ADDRESS)")
     p.add_argument("--no-wait", action="store_true", help="submit and return the job id")
     p.add_argument("--job-id", default=None)
-    p.add_argument("--storage", default=None, help="directory shared by the cluster and this machine for outputs")
+    p.add_argument("--storage", default=None,
+                   help="directory shared by the cluster and this machine for outputs (output.dir), or a URI "
+                        "(s3://bucket/runs) for checkpoints and results (output.storage)")
+    p.add_argument("--output-dir", default=None,
+                   help="where output.dir (prepared data) goes, a path every node mounts; then --storage only holds "
+                        "checkpoints and results (default: a directory --storage, else runs/jobs in the repo here, "
+                        "right for a local cluster)")
     p.add_argument("--results-to", default=None, help="where to copy results.json (default: beside the output)")
     p.add_argument("--deps", default="image", choices=["image", "cpu", "gpu"],
                    help="image: the cluster image has the environment; cpu/gpu: pip-install that lock per job")

@@ -4,19 +4,22 @@ Every rank writes what it owns into its own directory and reports it; Ray Train 
 directories into one checkpoint in storage and registers it only once every rank has reported, so a
 crash while saving leaves the previous checkpoint the latest. Each rank also writes a manifest of its
 files (size, CRC-32); loading verifies every manifest first, so a corrupt or incomplete checkpoint is
-reported by file name and never half-loaded.
+reported by file name and never half-loaded. The driver-side checks (`latest_checkpoint`, `check_resumable`,
+`verify`, `check_compatible`) read a local directory or a storage URI alike, through pyarrow.fs.
 """
 
 import json
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any, Optional
 
 import ray.train
 import torch
+from pyarrow.fs import LocalFileSystem
 
+from trainer import storage
 from trainer.config import Config
+from trainer.storage import Location
 
 # Settings a checkpoint's tensors depend on; any difference makes it unloadable.
 COMPATIBLE_KEYS = [
@@ -31,11 +34,7 @@ class CheckpointError(RuntimeError):
 
 
 def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+    return storage.crc32(LocalFileSystem(), str(path))
 
 
 def _lookup(cfg: Config, dotted: str) -> Any:
@@ -59,47 +58,59 @@ def write_manifest(root: Path, rank: int) -> None:
     manifest.write_text(json.dumps(files, indent=1))
 
 
-def verify(root: Path, world_size: int) -> None:
-    """Raise CheckpointError unless every rank's manifest is present and every file matches it."""
+def verify(root: Location, world_size: int) -> None:
+    """Raise CheckpointError unless every rank's manifest is present and every file matches it.
+    `root`: a local directory or a URI (read through pyarrow.fs; one listing, then CRC-32 over streams)."""
+    fs, base = storage.resolve(root)
+    files = storage.list_files(fs, base)
     for rank in range(world_size):
-        manifest = root / "manifests" / f"rank{rank}.json"
-        if not manifest.is_file():
-            raise CheckpointError(f"checkpoint {root} is incomplete: {manifest.name} from rank {rank} is missing")
-        for rel, want in json.loads(manifest.read_text()).items():
-            path = root / rel
-            if not path.is_file():
+        manifest = f"manifests/rank{rank}.json"
+        if manifest not in files:
+            raise CheckpointError(f"checkpoint {root} is incomplete: rank{rank}.json from rank {rank} is missing")
+        for rel, want in json.loads(storage.read_bytes(fs, f"{base}/{manifest}")).items():
+            info = files.get(rel)
+            if info is None:
                 raise CheckpointError(f"checkpoint {root} is incomplete: {rel} (rank {rank}) is missing")
-            if path.stat().st_size != want["bytes"] or _crc32(path) != want["crc32"]:
+            if info.size != want["bytes"] or storage.crc32(fs, info.path) != want["crc32"]:
                 raise CheckpointError(f"checkpoint {root} is corrupt: {rel} (rank {rank}) does not match its manifest")
 
 
-def check_compatible(root: Path, cfg: Config) -> None:
-    saved = json.loads((root / "meta.json").read_text())["fingerprint"]
+def _meta(root: Location) -> Optional[dict[str, Any]]:
+    text = storage.read_text(storage.join(root, "meta.json"))
+    return json.loads(text) if text is not None else None
+
+
+def check_compatible(root: Location, cfg: Config) -> None:
+    meta = _meta(root)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {root} is incomplete: meta.json from rank 0 is missing")
+    saved = meta["fingerprint"]
     now = fingerprint(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
     if diffs:
         raise ValueError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint Ray Train would resume `run_dir` from (its manager's snapshot), or None."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+def latest_checkpoint(run_dir: Location) -> Optional[Location]:
+    """The checkpoint Ray Train would resume `run_dir` from (its manager's snapshot), or None.
+    `run_dir`: a local directory (the answer is a Path) or a URI (the answer is a URI)."""
+    text = storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    if text is None:
         return None
-    latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
-    return run_dir / latest["checkpoint_dir_name"] if latest else None
+    latest = json.loads(text).get("latest_checkpoint_result")
+    return storage.join(run_dir, latest["checkpoint_dir_name"]) if latest else None
 
 
-def check_resumable(run_dir: Path, cfg: Config) -> Optional[Path]:
+def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
     """Before any worker starts: the latest checkpoint is complete, intact and written by a compatible
     config. Raises CheckpointError or ValueError naming the problem; returns the checkpoint (or None)."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    if not (ckpt / "meta.json").is_file():
+    meta = _meta(ckpt)
+    if meta is None:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: meta.json from rank 0 is missing")
-    world = json.loads((ckpt / "meta.json").read_text())["world_size"]
-    verify(ckpt, world)
+    verify(ckpt, meta["world_size"])
     check_compatible(ckpt, cfg)
     return ckpt
 

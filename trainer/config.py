@@ -118,7 +118,10 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # prepared data, results.json, metrics.jsonl, embeddings; a path every node mounts
+    # Ray Train storage (checkpoints) and a copy of results.json / metrics.jsonl: a local path or a URI
+    # pyarrow.fs understands (s3://bucket/runs/x, gs://..., hdfs://..., file:///...); "" means OUT/ray.
+    storage: str = ""
     checkpoint_every: int = 0  # steps; 0 means only at the end of each epoch
     keep_checkpoints: int = 2
     export_embeddings: bool = False
@@ -127,6 +130,15 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("output.checkpoint_every must be >= 0 and output.keep_checkpoints >= 1")
+        if "://" in self.storage:
+            import pyarrow.fs
+
+            try:
+                pyarrow.fs.FileSystem.from_uri(self.storage)
+            except Exception as e:  # ArrowInvalid (unknown scheme, bad URI), OSError (e.g. no libhdfs, S3 region)
+                raise ValueError(
+                    f"output.storage={self.storage!r} is not a storage location pyarrow can open: {e}"
+                ) from None
 
 
 @dataclass

@@ -1,6 +1,11 @@
-"""The driver: connect to Ray, prepare the data, run the TorchTrainer, add baselines, write results.json."""
+"""The driver: connect to Ray, prepare the data, run the TorchTrainer, add baselines, write results.json.
+
+Prepared data, results.json and metrics.jsonl go to output.dir; Ray Train's storage (checkpoints) to
+output.storage (a local path or a pyarrow URI, default OUT/ray), which also gets copies of results.json and
+metrics.jsonl when set."""
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -9,12 +14,14 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from trainer import storage
 from trainer.callbacks import build_callbacks
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
 from trainer.logs import quiet
 from trainer.prepare import prepare_data
 from trainer.report import write_results
+from trainer.storage import Location
 from trainer.worker import train_worker
 
 RUN_NAME = "train"
@@ -69,19 +76,39 @@ def use_gpu(cfg: Config) -> bool:
     return cfg.distributed.use_gpu == "yes"
 
 
+def storage_root(cfg: Config) -> Location:
+    """Ray Train's storage for this run: output.storage (a local path or a URI), else OUT/ray."""
+    if cfg.output.storage:
+        return storage.location(cfg.output.storage)
+    return Path(cfg.output.dir).resolve() / "ray"
+
+
+def run_dir(cfg: Config) -> Location:
+    """The Ray Train run's directory (checkpoints, checkpoint_manager_snapshot.json): a Path, or a URI."""
+    return storage.join(storage_root(cfg), RUN_NAME)
+
+
 def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     out = Path(cfg.output.dir).resolve()
     cfg.output.dir = str(out)  # workers run elsewhere: give them the absolute path
-    storage = out / "ray"
-    if not resume and (storage / RUN_NAME).exists():
-        raise ValueError(
-            f"{out} holds an earlier run; pass --resume to continue it, or set output.dir to a new directory"
-        )
+    if cfg.output.storage and not storage.is_uri(cfg.output.storage):
+        cfg.output.storage = str(Path(cfg.output.storage).resolve())
+    root, run_path = storage_root(cfg), run_dir(cfg)
+    # with output.storage set, results.json and metrics.jsonl are copied there too (multi-node: the
+    # storage is what outlives the driver's machine)
+    mirror = root if cfg.output.storage else None
+    where, new = (f"output.storage={root}", "output.storage to a new location") if mirror is not None \
+        else (str(out), "output.dir to a new directory")
+    if not resume and storage.exists(run_path):
+        raise ValueError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
     if resume:
         # refuse a corrupt or incompatible checkpoint before any worker starts
-        if check_resumable(storage / RUN_NAME, cfg) is None:
-            print(f"--resume: no checkpoint in {out} yet; starting from scratch", flush=True)
+        if check_resumable(run_path, cfg) is None:
+            print(f"--resume: no checkpoint in {where} yet; starting from scratch", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    metrics_log = out / "metrics.jsonl"
+    if resume and mirror is not None and not metrics_log.exists():
+        storage.copy_file(storage.join(mirror, "metrics.jsonl"), metrics_log)  # continue the stored log
     phases: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -95,6 +122,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     gpu = use_gpu(cfg)
     backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cfg.distributed.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    mirrored_log = storage.join(mirror, "metrics.jsonl") if mirror is not None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data.to_dict()},
@@ -103,18 +131,22 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                      placement_strategy=cfg.distributed.placement.upper()),
         run_config=RunConfig(
             name=RUN_NAME,
-            storage_path=str(storage),
+            storage_path=str(root),  # a URI goes to Ray as it is: Ray opens it with pyarrow.fs as we do
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.training.max_failures),
-            callbacks=build_callbacks(cfg, out),
+            callbacks=build_callbacks(cfg, out, run_path, mirrored_log),
         ),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if mirrored_log is not None:
+            _copy_quietly(metrics_log, mirrored_log)
     phases["fit"] = time.perf_counter() - t0
     worker_results = result.return_value
     if worker_results is None:
-        raise RuntimeError(f"training finished without results; see the Ray logs under {storage / RUN_NAME}")
+        raise RuntimeError(f"training finished without results; see the Ray logs under {run_path}")
 
     results = {
         "config": cfg.to_dict(),
@@ -122,7 +154,15 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         **worker_results,
         "baselines": data.baselines,
         "phases_s": {**phases, **data.phases_s, **worker_results.get("phases_s", {})},
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # a path for local storage, a URI for URI storage
+        "checkpoint": str(storage.name_of(run_path, result.checkpoint.path)) if result.checkpoint else None,
     }
-    write_results(results, out)
+    write_results(results, out, also_to=mirror)
     return results
+
+
+def _copy_quietly(src: Path, dst: Location) -> None:
+    try:
+        storage.copy_file(src, dst)
+    except Exception as e:  # never hide the run's own outcome behind a failed copy
+        print(f"warning: could not copy {src} to {dst}: {e}", file=sys.stderr, flush=True)

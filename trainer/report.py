@@ -2,16 +2,22 @@
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from trainer import storage
+from trainer.storage import Location
 
 RESULTS_MARKER = "CONVFORMER_RESULTS_JSON "  # cluster.submit finds results.json in a job's log by this
 
 
-def write_results(results: dict[str, Any], out_dir: Path) -> Path:
+def write_results(results: dict[str, Any], out_dir: Path, also_to: Optional[Location] = None) -> Path:
+    """OUT/results.json, and the same file under `also_to` (the storage location: a directory or a URI).
+    Readers never see a half-written file."""
+    data = (json.dumps(results, indent=2, default=str) + "\n").encode()
     path = Path(out_dir) / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    tmp.replace(path)  # readers never see a half-written file
+    storage.write_bytes(path, data)
+    if also_to is not None:
+        storage.write_bytes(storage.join(also_to, "results.json"), data)
     return path
 
 
