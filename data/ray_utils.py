@@ -24,6 +24,19 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     )
 
 
+def loopback_only() -> None:
+    """Make the next local Ray instance listen on 127.0.0.1 only (GCS, raylet, object manager, workers).
+
+    ray.init(_node_ip_address="127.0.0.1") is not enough: Ray replaces a loopback node address by the
+    machine's outward one unless its single-machine switch is set. Ray reads the switch when it is imported,
+    so set it for the processes it starts (environment) and for this one (the constant).
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def reraise(e: BaseException) -> NoReturn:
     """Re-raise the LogError inside a Ray wrapper as a plain LogError (readable message), else `e`."""
     seen = set()

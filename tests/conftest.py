@@ -13,8 +13,11 @@ def ray_local():
     """One small local Ray instance for the whole session (4 logical CPUs so Ray Data never starves)."""
     import ray
 
+    from data.ray_utils import loopback_only
+
     started = not ray.is_initialized()
     if started:
+        loopback_only()
         ray.init(
             num_cpus=4,
             object_store_memory=512 * 1024**2,

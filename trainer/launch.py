@@ -14,6 +14,7 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from data.ray_utils import loopback_only
 from trainer import storage
 from trainer.callbacks import build_callbacks
 from trainer.checkpoint import check_resumable
@@ -40,6 +41,7 @@ def connect_ray(cfg: Config) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level="ERROR", runtime_env=setup)
     else:
+        loopback_only()
         cpus = os.cpu_count() or 1
         # Workers take fractional CPUs so Ray Data's read tasks still get some (stack.md: a full
         # reservation on 2 cores backpressures forever); check_resources refuses over-subscription.
@@ -50,7 +52,6 @@ def connect_ray(cfg: Config) -> None:
             include_dashboard=False,
             logging_level="ERROR",
             runtime_env=setup,
-            _node_ip_address="127.0.0.1",  # a local instance is reachable from this machine only
         )
     check_resources(cfg)
 
