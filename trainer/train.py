@@ -2,17 +2,22 @@
 
     python -m trainer.train --config configs/smoke.yaml [section.key=value ...] [--resume]
 
-Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS.
+Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS. Ctrl-C (SIGINT) or SIGTERM stops
+the run within seconds: the workers and the local Ray instance are shut down, the exit status is 128 + the
+signal number (130, 143), and the message names the checkpoint that `--resume` continues from.
 """
 
 import argparse
 import json
+import signal
 import sys
 from typing import Optional, Sequence
 
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.launch import run
 from trainer.report import RESULTS_MARKER, print_table
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -31,11 +36,111 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    results = run(cfg, resume=args.resume)
+    signals = StopSignals()
+    try:
+        with signals:
+            results = run(cfg, resume=args.resume)
+    except BaseException:
+        if signals.received is None:
+            raise
+        return shut_down(signals, cfg)
     print_table(results)
     if args.print_results:
         print(RESULTS_MARKER + json.dumps(results, default=str), flush=True)
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT or SIGTERM while the run is in progress."""
+
+
+class StopSignals:
+    """While in the `with` block, SIGINT and SIGTERM raise `Interrupted` in the main thread (and set
+    `received`), and Ray is kept from replacing that handler.
+
+    Ray would otherwise take both signals over. `TorchTrainer.fit()` sets SIGINT to a handler that blocks
+    until the train controller actor has aborted the run, an RPC the controller serves only when its event
+    loop is free: while it is starting the worker group (13 s and more here) training goes on and the
+    first Ctrl-C seems ignored, a second one does nothing, a third exits with status 0; when it does stop,
+    the driver exits 1 with no word about what happened. `ray.init` sets SIGTERM to `sys.exit`, and a local
+    instance's node then tears itself down from inside that handler (and the driver ends in SIGABRT: see
+    `_handler`). Both install their handlers through `signal.signal`, so inside the block that call leaves these two
+    signals alone. On leaving the block after a signal, further ones are ignored until `restore()`, so
+    the shutdown is not cut short.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, object] = {}
+        self._set = signal.signal
+
+    def _handler(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            # Ray's C++ failure-signal handler (absl's) sees SIGTERM first, logs it, and arms a 3 s alarm
+            # whose handler aborts the process (SIGABRT) unless it has exited by then: cancel it.
+            signal.alarm(0)
+        if self.received is None:
+            self.received = signum
+        raise Interrupted(signal.Signals(signum).name)
+
+    def _guarded(self, signalnum, handler):
+        if signalnum in STOP_SIGNALS:
+            return signal.getsignal(signalnum)  # keep ours
+        return self._set(signalnum, handler)
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {s: self._set(s, self._handler) for s in STOP_SIGNALS}
+        signal.signal = self._guarded
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal = self._set
+        if self.received is None:
+            self.restore()
+        else:
+            for s in STOP_SIGNALS:
+                self._set(s, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            self._set(s, h)
+
+
+def shut_down(signals: StopSignals, cfg: Config) -> int:
+    """After SIGINT/SIGTERM: stop the workers and Ray, say how to continue. Returns the exit status."""
+    name = signal.Signals(signals.received).name
+    print(f"\n{name} received: stopping the workers and Ray ...", file=sys.stderr, flush=True)
+    try:
+        import ray
+
+        # A local instance (this driver started it) goes down with its workers; on a cluster this ends the
+        # driver's job, and with it the train controller and its worker group (the driver's actors).
+        ray.shutdown()
+    finally:
+        signals.restore()
+    try:
+        hint = resume_hint(cfg)
+    except Exception as e:  # e.g. unreachable storage: the exit status and the advice matter more
+        hint = f"rerun with --resume to continue from the latest checkpoint ({type(e).__name__}: {e})"
+    print(f"interrupted by {name}; {hint}", file=sys.stderr, flush=True)
+    return 128 + signals.received
+
+
+def resume_hint(cfg: Config) -> str:
+    from trainer import storage
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.launch import run_dir
+
+    ckpt = latest_checkpoint(run_dir(cfg))
+    if ckpt is None:
+        return f"no checkpoint was saved yet: rerun with --resume to start again (output.dir={cfg.output.dir})"
+    where = str(ckpt)
+    try:
+        meta = json.loads(storage.read_text(storage.join(ckpt, "meta.json")) or "")
+        where = f"step {meta['step']} (epoch {meta['epoch']}), {ckpt}"
+    except (OSError, ValueError, KeyError):
+        pass
+    return f"rerun with --resume to continue from the checkpoint at {where}"
 
 
 if __name__ == "__main__":
