@@ -38,7 +38,7 @@ def test_kuberay_rayjob_runs_a_real_config_on_gpu_workers():
     config = args[args.index("--config") + 1]
     overrides = [a for a in args[3:] if not a.startswith("--") and a != config]
     cfg = load_config(REPO / config, overrides)  # the config exists and the overrides are valid
-    assert cfg.distributed.use_gpu == "yes" and cfg.output.dir.startswith("/mnt/runs/")
+    assert cfg.distributed.use_gpu is True and cfg.output.dir.startswith("/mnt/runs/")
     spec = job["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == pins(REPO / "requirements" / "gpu.lock")["ray"]
     gpus = 0

@@ -94,3 +94,47 @@ def test_missing_and_bad_files(tmp_path):
 def test_selection_and_split_mistakes_are_refused(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+# distributed.use_gpu (issue #5): YAML reads a bare yes/no/true/false as a boolean; all of them are accepted.
+@pytest.mark.parametrize("text,want", [
+    ("true", True), ("yes", True), ("'yes'", True), ("True", True),
+    ("false", False), ("no", False), ("'no'", False),
+    ("auto", "auto"), ("'auto'", "auto"),
+])
+def test_use_gpu_takes_booleans_and_auto(text, want):
+    assert load_config(None, [f"distributed.use_gpu={text}"]).distributed.use_gpu == want
+    assert type(load_config(None, [f"distributed.use_gpu={text}"]).distributed.use_gpu) is type(want)
+
+
+def test_use_gpu_from_yaml_round_trips(tmp_path):
+    path = tmp_path / "gpu.yaml"
+    path.write_text("distributed:\n  use_gpu: true\n")
+    cfg = load_config(path)
+    assert cfg.distributed.use_gpu is True
+    out = tmp_path / "dumped.yaml"
+    out.write_text(dump_config(cfg))
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize("text", ["maybe", "1", "0", "[true]", "null", "gpu"])
+def test_use_gpu_refuses_anything_else(text):
+    with pytest.raises(ValueError, match=r"distributed\.use_gpu must be true, false or one of 'auto'"):
+        load_config(None, [f"distributed.use_gpu={text}"])
+
+
+def test_use_gpu_no_refuses_nccl():
+    with pytest.raises(ValueError, match=r"backend='nccl' needs GPUs but distributed\.use_gpu is false"):
+        load_config(None, ["distributed.use_gpu=no", "distributed.backend=nccl"])
+    assert load_config(None, ["distributed.use_gpu=yes", "distributed.backend=nccl"]).distributed.backend == "nccl"
+
+
+def test_launch_use_gpu_follows_the_config(monkeypatch):
+    import ray
+
+    from trainer import launch
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
+    for text, want in [("true", True), ("yes", True), ("false", False), ("no", False), ("auto", True)]:
+        assert launch.use_gpu(load_config(None, [f"distributed.use_gpu={text}"])) is want, text
+    assert launch.use_gpu(load_config(None, ["distributed.use_gpu=auto", "distributed.num_workers=4"])) is False

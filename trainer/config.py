@@ -64,7 +64,9 @@ class TrainingConfig:
 class DistributedConfig:
     num_workers: int = 2
     cpus_per_worker: float = 0.5  # fractional so Ray Data keeps CPUs on a 2-core machine
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    # true/false, or auto: GPUs when the cluster has one per worker. A bare yes/no (YAML reads it as a
+    # boolean) and a quoted 'yes'/'no' mean the same as true/false; the config holds True, False or "auto".
+    use_gpu: Union[bool, Literal["auto", "yes", "no"]] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo otherwise
     sharding: Literal["auto", "table_wise", "row_wise", "column_wise"] = "auto"  # auto: the planner's choice
     zero_stage: int = 0
@@ -84,8 +86,14 @@ class DistributedConfig:
             raise ValueError(f"distributed.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"distributed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        if self.backend == "nccl" and self.use_gpu == "no":
-            raise ValueError("distributed.backend='nccl' needs GPUs but distributed.use_gpu='no'")
+        if self.use_gpu in ("yes", "no"):
+            self.use_gpu = self.use_gpu == "yes"
+        if not (isinstance(self.use_gpu, bool) or self.use_gpu == "auto"):
+            raise ValueError(
+                f"distributed.use_gpu must be true, false or 'auto' (yes/no also accepted), got {self.use_gpu!r}"
+            )
+        if self.backend == "nccl" and self.use_gpu is False:
+            raise ValueError("distributed.backend='nccl' needs GPUs but distributed.use_gpu is false")
 
 
 @dataclass
@@ -234,7 +242,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key)
+        for option in inner:  # the first that takes the value, e.g. Union[bool, Literal["auto"]]
+            try:
+                return _coerce(option, value, key)
+            except ValueError:
+                pass
+        raise ValueError(f"{key} must be {' or '.join(_describe(option) for option in inner)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(repr(a) for a in args)}")
@@ -265,6 +280,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a string, got {value!r}")
         return value
     raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug in the tree, not user input
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {bool: "true, false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 def dump_config(cfg: Config) -> str:

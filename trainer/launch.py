@@ -72,9 +72,10 @@ def check_resources(cfg: Config) -> None:
 
 
 def use_gpu(cfg: Config) -> bool:
+    """distributed.use_gpu: True or False as configured; "auto" means GPUs when the cluster has one per worker."""
     if cfg.distributed.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= cfg.distributed.num_workers
-    return cfg.distributed.use_gpu == "yes"
+    return cfg.distributed.use_gpu is True
 
 
 def storage_root(cfg: Config) -> Location:
