@@ -34,8 +34,16 @@ def parse_run(spec: str) -> tuple[str, str, list[str]]:
     return f"{config}:{label}", config, overrides.split(",")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def hardware() -> dict[str, Any]:
-    return {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+    return {"cpu": cpu_name(), "cpus": os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__}
 

@@ -14,6 +14,7 @@ BAD_DATA = {
     "min_history": 0,
     "max_bad_fraction": 1.5,
     "backend": "spark",
+    "split": "k_fold",
     "shuffle_buffer": 0,
     "rows_per_bucket": 0,
 }
