@@ -7,6 +7,7 @@ another, collected into one JSON with wall time and hardware per run.
 
 A run is `CONFIG[:NAME=OVERRIDE,...]` where CONFIG names configs/movielens/CONFIG.yaml. Runs already in the
 output file are skipped (delete an entry to redo it); each finished run is written at once.
+`python -m benchmarks.movielens --table` prints the results as the README's markdown table.
 """
 
 import argparse
@@ -48,15 +49,38 @@ def hardware() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+MODELS = {"convformer-f": "ConvFormer-F (fft, K=L=200)", "convformer": "ConvFormer (dwc, K=50)",
+          "sasrec": "our SASRec (attention)"}
+
+
+def table(done: dict[str, Any]) -> str:
+    keys = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"]
+    lines = ["| data | model | loss | " + " | ".join(k.upper() for k in keys)
+             + " | best / last epoch | wall time |", "|" + "---|" * (len(keys) + 5)]
+    for key, r in sorted(done.items(), key=lambda kv: (kv[0].split("-")[1] != "1m", kv[0])):
+        config = key.split(":")[0]
+        data, model = config.split("-", 2)[:2], config.split("-", 2)[2]
+        loss = "bce" if "training.loss.type=bce" in r["overrides"] else "sampled softmax (256)"
+        cells = " | ".join(f"{r['test'][k]:.4f}" for k in keys)
+        lines.append(f"| {'-'.join(data)} | {MODELS.get(model, model)} | {loss} | {cells} | "
+                     f"{r['validation']['best_epoch']} / {r['throughput']['epochs_completed']} | "
+                     f"{r['wall_s'] / 60:.0f} min |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/movielens-cpu.json")
-    p.add_argument("--run", action="append", required=True, help="CONFIG[:LABEL=key=value,...]")
+    p.add_argument("--run", action="append", default=[], help="CONFIG[:LABEL=key=value,...]")
     p.add_argument("--runs-dir", default="runs/movielens", help="output.dir of each run goes under here")
+    p.add_argument("--table", action="store_true", help="print the results file as a markdown table and exit")
     args = p.parse_args()
 
     out = Path(args.out)
     done: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    if args.table:
+        print(table(done))
+        return
     for spec in args.run:
         key, config, overrides = parse_run(spec)
         if key in done:
