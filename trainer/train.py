@@ -23,7 +23,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="YAML file in configs/ (default: built-in defaults)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output.dir")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (in output.storage, default output.dir/ray)")
     p.add_argument("--print-results", action="store_true", help="also print results.json as one log line (for job logs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.kernel_size=64")
     return p.parse_args(argv)
