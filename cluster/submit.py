@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from trainer import storage as stores
-from trainer.config import apply_override
+from trainer.config import load_config
 from trainer.report import RESULTS_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,17 +64,11 @@ def entrypoint(config: str, overrides: Sequence[str], output_dir: str, storage: 
 
 
 def configured_storage(config: Path, overrides: Sequence[str]) -> str:
-    """output.storage as the config file and overrides set it ("" if not), without validating the rest."""
-    import yaml
-
+    """output.storage as the config file and overrides set it ("" if not)."""
     try:
-        raw = yaml.safe_load(config.read_text()) or {}
-        for item in overrides:
-            apply_override(raw, item)
-        value = (raw.get("output") or {}).get("storage") or ""
-    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return load_config(config, overrides).output.storage
+    except ValueError:
         return ""  # the job's own config check reports it
-    return value if isinstance(value, str) else ""
 
 
 def _quote(s: str) -> str:

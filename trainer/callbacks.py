@@ -9,7 +9,6 @@ e.g. output.callbacks=["my_team.tracking:MlflowCallback"].
 
 import importlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -35,10 +34,7 @@ class MetricsLog(UserCallback):
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         if checkpoint is not None and self.mirror is not None:
-            try:
-                storage.copy_file(self.path, self.mirror)
-            except Exception as e:  # a storage hiccup must not fail training; the driver copies it again at the end
-                print(f"warning: could not copy {self.path} to {self.mirror}: {e}", file=sys.stderr, flush=True)
+            storage.copy_quietly(self.path, self.mirror)  # the driver copies it again at the end
 
 
 def load_callback(spec: str) -> UserCallback:

@@ -75,16 +75,16 @@ def verify(root: Location, world_size: int) -> None:
                 raise CheckpointError(f"checkpoint {root} is corrupt: {rel} (rank {rank}) does not match its manifest")
 
 
-def _meta(root: Location) -> Optional[dict[str, Any]]:
+def read_meta(root: Location) -> dict[str, Any]:
+    """A checkpoint's meta.json (written by rank 0: fingerprint, world size, step, epoch)."""
     text = storage.read_text(storage.join(root, "meta.json"))
-    return json.loads(text) if text is not None else None
-
-
-def check_compatible(root: Location, cfg: Config) -> None:
-    meta = _meta(root)
-    if meta is None:
+    if text is None:
         raise CheckpointError(f"checkpoint {root} is incomplete: meta.json from rank 0 is missing")
-    saved = meta["fingerprint"]
+    return json.loads(text)
+
+
+def check_compatible(root: Location, cfg: Config, meta: Optional[dict[str, Any]] = None) -> None:
+    saved = (meta or read_meta(root))["fingerprint"]
     now = fingerprint(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
     if diffs:
@@ -107,11 +107,9 @@ def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None
-    meta = _meta(ckpt)
-    if meta is None:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: meta.json from rank 0 is missing")
+    meta = read_meta(ckpt)
     verify(ckpt, meta["world_size"])
-    check_compatible(ckpt, cfg)
+    check_compatible(ckpt, cfg, meta)
     return ckpt
 
 

@@ -138,11 +138,11 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("output.checkpoint_every must be >= 0 and output.keep_checkpoints >= 1")
-        if "://" in self.storage:
-            import pyarrow.fs
+        from trainer import storage
 
+        if storage.is_uri(self.storage):
             try:
-                pyarrow.fs.FileSystem.from_uri(self.storage)
+                storage.resolve(self.storage)
             except Exception as e:  # ArrowInvalid (unknown scheme, bad URI), OSError (e.g. no libhdfs, S3 region)
                 raise ValueError(
                     f"output.storage={self.storage!r} is not a storage location pyarrow can open: {e}"

@@ -5,7 +5,6 @@ output.storage (a local path or a pyarrow URI, default OUT/ray), which also gets
 metrics.jsonl when set."""
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -144,7 +143,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         result = trainer.fit()
     finally:
         if mirrored_log is not None:
-            _copy_quietly(metrics_log, mirrored_log)
+            storage.copy_quietly(metrics_log, mirrored_log)
     phases["fit"] = time.perf_counter() - t0
     worker_results = result.return_value
     if worker_results is None:
@@ -162,9 +161,3 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     write_results(results, out, also_to=mirror)
     return results
 
-
-def _copy_quietly(src: Path, dst: Location) -> None:
-    try:
-        storage.copy_file(src, dst)
-    except Exception as e:  # never hide the run's own outcome behind a failed copy
-        print(f"warning: could not copy {src} to {dst}: {e}", file=sys.stderr, flush=True)

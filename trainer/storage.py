@@ -115,6 +115,16 @@ def write_bytes(where: Location, data: bytes) -> None:
             f.write(data)
 
 
+def copy_quietly(src: Location, dst: Location) -> None:
+    """copy_file, but a failure is a warning: a storage hiccup must not fail training or hide its outcome."""
+    import sys
+
+    try:
+        copy_file(src, dst)
+    except Exception as e:
+        print(f"warning: could not copy {src} to {dst}: {e}", file=sys.stderr, flush=True)
+
+
 def copy_file(src: Location, dst: Location) -> bool:
     """Copy one file between locations; False (and nothing written) if `src` does not exist."""
     fs, path = resolve(src)

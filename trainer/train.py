@@ -127,8 +127,7 @@ def shut_down(signals: StopSignals, cfg: Config) -> int:
 
 
 def resume_hint(cfg: Config) -> str:
-    from trainer import storage
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import CheckpointError, latest_checkpoint, read_meta
     from trainer.launch import run_dir
 
     ckpt = latest_checkpoint(run_dir(cfg))
@@ -136,9 +135,9 @@ def resume_hint(cfg: Config) -> str:
         return f"no checkpoint was saved yet: rerun with --resume to start again (output.dir={cfg.output.dir})"
     where = str(ckpt)
     try:
-        meta = json.loads(storage.read_text(storage.join(ckpt, "meta.json")) or "")
+        meta = read_meta(ckpt)
         where = f"step {meta['step']} (epoch {meta['epoch']}), {ckpt}"
-    except (OSError, ValueError, KeyError):
+    except (CheckpointError, OSError, ValueError, KeyError):
         pass
     return f"rerun with --resume to continue from the checkpoint at {where}"
 
