@@ -140,7 +140,8 @@ def main() -> None:
             rec.update(run_point(variant, length, args))
             if rec["status"] == "ok":
                 prev = (length, rec["seconds"])
-                print(f"{variant:>10} L={length:>5}  {rec['seconds'] * 1e3:9.1f} ms  {rec['peak_bytes'] / 2**20:8.1f} MiB",
+                ms, mib = rec["seconds"] * 1e3, rec["peak_bytes"] / 2**20
+                print(f"{variant:>10} L={length:>5}  {ms:9.1f} ms  {mib:8.1f} MiB",
                       flush=True)
             else:
                 prev = (length, float("inf"))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from trainer.config import load_config
-from trainer.launch import run
+from trainer.driver.launch import run
 
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:

@@ -18,17 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
 
-from trainer.config import Config, load_config
+from data import synth
+from data.loader import WindowLoader
+from data.sequences import build_sequences
+from model.convformer import SequenceEncoder
+from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
+from trainer.config import Config, from_dict, load_config
+from trainer.distributed.context import DistContext
+from trainer.driver.launch import connect_ray, size_item_table
+from trainer.worker.stack import Stack
 
 
 def make_batches(cfg: Config, num_batches: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Left-padded windows from a synthetic log, as the training loader makes them."""
-    from data import synth
-    from data.loader import WindowLoader
-    from data.sequences import build_sequences
-
     with tempfile.TemporaryDirectory() as tmp:
         log = synth.generate(cfg.data.synth, Path(tmp) / "log")
         build_sequences(log, Path(tmp) / "seq", backend="arrow")
@@ -51,9 +58,6 @@ def timed(step, batches: list, warmup: int) -> float:
 
 
 def bare_loop(cfg: Config, batches: list, warmup: int, threads: int) -> float:
-    from model.convformer import SequenceEncoder
-    from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
-
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.training.seed)
     encoder = SequenceEncoder(cfg.model)
@@ -81,35 +85,16 @@ def bare_loop(cfg: Config, batches: list, warmup: int, threads: int) -> float:
 
 
 def stack_worker(config: dict[str, Any]) -> dict[str, float]:
-    """Inside a Ray Train worker: the trainer's own build order and train_step."""
-    from model.convformer import SequenceEncoder
-    from model.losses import NegativeSampler
-    from trainer.config import from_dict
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext, wrap_dense
-    from trainer.worker import train_step
-
+    """Inside a Ray Train worker: the trainer's own Stack and its train_step."""
     torch.set_num_threads(config["threads"])
     cfg = from_dict(Config, config["config"])
-    ctx = DistContext.from_process_group()
-    torch.manual_seed(cfg.training.seed)
-    encoder = SequenceEncoder(cfg.model)
-    table = ShardedItemTable(cfg, ctx)
-    engine = wrap_dense(encoder, cfg, ctx)
-    sampler = NegativeSampler(cfg.model.num_items)
+    stack = Stack(cfg, DistContext.from_process_group())
     gen = torch.Generator().manual_seed(0)
-    rate = timed(lambda b: train_step(cfg, table, engine, sampler, gen, b, ctx.device)[1],
-                 config["batches"], config["warmup"])
+    rate = timed(lambda b: stack.train_step(b, gen)[1], config["batches"], config["warmup"])
     return {"events_per_s": rate}
 
 
 def full_stack(cfg: Config, batches: list, warmup: int, threads: int) -> float:
-    import ray
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from trainer.launch import connect_ray
-
     connect_ray(cfg)
     trainer = TorchTrainer(
         stack_worker,
@@ -131,6 +116,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, ["distributed.num_workers=1", "distributed.cpus_per_worker=1", *args.overrides])
+    size_item_table(cfg)
     threads = args.threads
     batches = make_batches(cfg, args.steps + args.warmup)
     stack = full_stack(cfg, batches, args.warmup, threads)

@@ -8,8 +8,9 @@ that point) with output.dir=DIR/points/ID, and records training throughput (even
 worker, time per phase and the held-out-day metrics (with the oracle fraction on synthetic logs) as one
 row of DIR/results.csv. A point that runs out of memory, times out or fails is recorded as such and the
 sweep goes on. The sweep is resumable: a point with a record (DIR/points/ID/point.json) is not rerun
-(--retry-failed reruns the failed ones); a point whose Ray failed to start is retried twice at once. Points are identified by their resolved trainer config, so the same
-point in two sweeps runs once. With RAY_ADDRESS set, every point joins that cluster instead of starting Ray.
+(--retry-failed reruns the failed ones); a point whose Ray failed to start is retried twice at once.
+Points are identified by their resolved trainer config, so the same point in two sweeps runs once.
+With RAY_ADDRESS set, every point joins that cluster instead of starting Ray.
 
 The config (YAML):
 
@@ -31,6 +32,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +42,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
+
+from trainer.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 # Ray's start-up gives the raylet a fixed 30 s to register; on a loaded machine that can fail. Retried.
@@ -123,11 +127,9 @@ def run_point(base: str, overrides: list[str], out: Path, timeout_s: float) -> d
     out.mkdir(parents=True, exist_ok=True)
     train_dir = out / "run"
     if train_dir.exists():  # an interrupted attempt: start the point afresh
-        import shutil
-
         shutil.rmtree(train_dir)
     cmd = [sys.executable, "-m", "trainer.train", "--config", base, *overrides, f"output.dir={train_dir}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = dict(os.environ)
     t0 = time.perf_counter()
     with open(out / "log.txt", "wb") as log:
         # its own session: on a time-out the whole group goes (the point's driver and the Ray it started)
@@ -160,8 +162,6 @@ def run_point(base: str, overrides: list[str], out: Path, timeout_s: float) -> d
         record["error"] = (errors[-1] if errors else f"exit {rc}" if status != "timeout" else f"> {timeout_s:g}s")[:300]
     # keep the record and the log, drop the bulky outputs (data, checkpoints)
     if train_dir.exists():
-        import shutil
-
         shutil.rmtree(train_dir, ignore_errors=True)
     (out / "point.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     return record
@@ -217,8 +217,6 @@ def row(sweep: Sweep, values: dict[str, Any], pid: str, record: dict[str, Any], 
 
 def run_sweep(cfg: SweepConfig, out: Path, only: Sequence[str] = (), timeout_s: Optional[float] = None,
               retry_failed: bool = False, log=print) -> list[dict[str, Any]]:
-    from trainer.config import load_config
-
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for sweep in cfg.sweeps:
@@ -272,7 +270,7 @@ PANELS = [("events_per_s", "training throughput (events/s)", True),
 def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """One PNG per sweep with a plot.x: throughput, memory and the metric against x, a line per series.
     Points that did not finish are labelled on the x axis with their status (oom, timeout, failed)."""
-    import matplotlib
+    import matplotlib  # only for plots: the sweep itself runs without it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,14 +19,17 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ray.job_submission import JobSubmissionClient
+
 from trainer import storage as stores
 from trainer.config import load_config
-from trainer.report import RESULTS_MARKER
+from trainer.driver.report import RESULTS_MARKER
 
 REPO = Path(__file__).resolve().parent.parent
 EXCLUDES = [".venv", ".git", "runs", "datasets", "data_cache", "**/__pycache__", "*.parquet", ".pytest_cache"]
@@ -34,8 +37,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def client(address: Optional[str]):
-    from ray.job_submission import JobSubmissionClient
-
     address = address or os.environ.get("RAY_JOB_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SystemExit("no cluster address: pass --address http://HEAD:8265 or set RAY_JOB_ADDRESS")
@@ -50,7 +51,8 @@ def runtime_env(deps: str) -> dict[str, Any]:
     env: dict[str, Any] = {
         "working_dir": str(REPO),
         "excludes": EXCLUDES,
-        "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")},
+        # No DS_ACCELERATOR: each worker sets it from its own device (trainer/distributed/dense.py).
+        "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"},
     }
     if deps != "image":  # by default the cluster image already holds the locked environment
         env["pip"] = {"packages": str(REPO / "requirements" / f"{deps}.lock"), "pip_check": False}
@@ -72,8 +74,6 @@ def configured_storage(config: Path, overrides: Sequence[str]) -> str:
 
 
 def _quote(s: str) -> str:
-    import shlex
-
     return shlex.quote(s)
 
 

@@ -11,9 +11,9 @@ Users with one event give no window. The last (oldest) window of a user is the o
 
 Order and resumption. An epoch's batches are a pure function of (seed, epoch, rank, world_size) and the
 files: the share's row-group pieces are visited in an order permuted by (seed, epoch), and windows are
-shuffled in buffers of `shuffle_buffer` windows with a generator seeded by (seed, epoch, rank). `state_dict()` is (epoch, batches consumed); a restored
-loader replays the epoch up to that point without building tensors and then yields exactly the batches
-an uninterrupted loader would have.
+shuffled in buffers of `shuffle_buffer` windows with a generator seeded by (seed, epoch, rank).
+`state_dict()` is (epoch, batches consumed); a restored loader replays the epoch up to that point without
+building tensors and then yields exactly the batches an uninterrupted loader would have.
 """
 
 import os
@@ -21,7 +21,6 @@ from typing import Iterator, Union
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from data.schema import USER
@@ -142,27 +141,9 @@ class WindowLoader:
         return self.shard.iter_tables([USER, "item_ids"], self.read_rows, order_seed=(self.seed, epoch))
 
 
-# ---------------------------------------------------------------- TorchRec plumbing
-
-
-def to_kjt(input_ids: torch.Tensor, key: str = "item"):
-    """(B, L) ids -> a TorchRec KeyedJaggedTensor with one key and L values per sequence.
-
-    Padding ids (0) are kept as values, so an EmbeddingCollection's output for the key reshapes directly to
-    (B, L, D); row 0 of the table is the padding row (zero it or mask it in the model).
-    """
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    B, L = input_ids.shape
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=[key],
-        values=input_ids.reshape(-1),  # (B * L,)
-        lengths=torch.full((B,), L, dtype=torch.int32),
-    )
-
-
-def make_loader(source: Union[str, os.PathLike], *, seq_len: int, batch_size: int, seed: int, shuffle_buffer: int = 8192,
-                rank: int = 0, world_size: int = 1, drop_last: bool = False) -> WindowLoader:
+def make_loader(source: Union[str, os.PathLike], *, seq_len: int, batch_size: int, seed: int,
+                shuffle_buffer: int = 8192, rank: int = 0, world_size: int = 1,
+                drop_last: bool = False) -> WindowLoader:
     """The trainer's entry point (keyword names match the config: model.max_seq_len, training.batch_size...)."""
     return WindowLoader(source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
                         rank=rank, world_size=world_size, drop_last=drop_last)

@@ -1,26 +1,39 @@
-"""Small Ray helpers shared by the data stages: a local instance when none is running, error unwrapping,
-and a counter actor that gathers skipped-row counts from tasks on any node."""
+"""The one Ray bootstrap (trainer, data stages, tests), error unwrapping, and a counter actor that gathers
+skipped-row counts from tasks on any node."""
 
 import os
 from collections import Counter
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import ray
+from ray._private import ray_constants
 
 from data.schema import LogError, SkipReport
 
 
-def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Attach to the running Ray instance, or start a small local one (a cluster driver calls ray.init itself)."""
+def ensure_ray(num_cpus: Optional[int] = None, *, runtime_env: Optional[dict[str, Any]] = None,
+               log_to_driver: bool = True) -> None:
+    """Use the Ray instance this process already has, else join the cluster RAY_ADDRESS names, else start
+    a new local instance that listens on 127.0.0.1 only.
+
+    A new local instance is always new (address="local"): never a cluster that some `ray start` left on this
+    machine. It declares `num_cpus` logical CPUs (default: the machine's, at least 2), a 512 MB object store
+    and no dashboard.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    common = dict(logging_level="ERROR", runtime_env=runtime_env, log_to_driver=log_to_driver)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**common)
+        return
+    loopback_only()
     ray.init(
+        address="local",
         num_cpus=num_cpus or max(2, os.cpu_count() or 1),
-        object_store_memory=1024**3,
+        object_store_memory=512 * 1024**2,
         include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
+        **common,
     )
 
 
@@ -31,8 +44,6 @@ def loopback_only() -> None:
     machine's outward one unless its single-machine switch is set. Ray reads the switch when it is imported,
     so set it for the processes it starts (environment) and for this one (the constant).
     """
-    from ray._private import ray_constants
-
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
 

@@ -65,11 +65,6 @@ class SkipReport:
             self.by_reason.update(counts)
             self.by_file.setdefault(path, Counter()).update(counts)
 
-    def merge(self, other: "SkipReport") -> None:
-        self.rows_read += other.rows_read
-        for path, counts in other.by_file.items():
-            self.add(path, counts)
-
     def warn(self) -> None:
         """Log one warning per file with skipped rows (the caller decides when)."""
         for path, counts in sorted(self.by_file.items()):
@@ -276,21 +271,6 @@ def iter_file(
     except (pa.ArrowInvalid, OSError) as e:
         raise LogError(f.path, f"corrupt Parquet data: {e}") from None
     report.add(f.path, dict(skipped), total)
-
-
-def iter_log(
-    log_dir: PathLike,
-    start_day: Optional[DayLike] = None,
-    end_day: Optional[DayLike] = None,
-    *,
-    max_bad_fraction: float = 0.001,
-    report: Optional[SkipReport] = None,
-    columns: Optional[Sequence[str]] = None,
-) -> Iterator[pa.Table]:
-    """Stream the valid rows of days in [start_day, end_day), file by file, in (day, path) order."""
-    report = report if report is not None else SkipReport()
-    for f in list_files(log_dir, start_day, end_day):
-        yield from iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=columns)
 
 
 def ts_from_seconds(seconds: Iterable[float]) -> pa.Array:

@@ -19,7 +19,10 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
+from ray.data.context import ShuffleStrategy
 
+from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise
 from data.schema import (
     ITEM,
     LOG_SCHEMA,
@@ -133,8 +136,6 @@ def _bucket_of(user: np.ndarray, num_buckets: int) -> np.ndarray:
 
 def _read_files(batch: dict, num_buckets: int, max_bad_fraction: float, counter) -> Iterator[pa.Table]:
     """Ray map task: validate and stream each file, tagging every event with its user's bucket."""
-    import ray
-
     for path, day in zip(batch["path"], batch["day"]):
         report = SkipReport()
         f = LogFile(dt.date.fromisoformat(str(day)), str(path))
@@ -156,18 +157,12 @@ _MAX_SORT_SHUFFLE_OBJECTS = 20_000
 
 def _shuffle_strategy(read_tasks: int, num_buckets: int):
     """Sort-based shuffle while it is small (2-3x faster than the hash shuffles here), hash shuffle beyond."""
-    from ray.data.context import ShuffleStrategy
-
     if read_tasks * num_buckets <= _MAX_SORT_SHUFFLE_OBJECTS:
         return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     return ShuffleStrategy.HASH_SHUFFLE  # aggregator actors: memory linear in tasks + buckets
 
 
 def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int) -> SequenceStats:
-    import ray
-
-    from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise
-
     ensure_ray()
     rows = count_rows(files)  # footers only; sizes the shuffle
     num_buckets = max(1, math.ceil(rows / rows_per_bucket))

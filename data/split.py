@@ -16,16 +16,37 @@ Evaluation queries (Parquet, one row per query):
 
 import datetime as dt
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
-from data.schema import DAY_US, TS, TS_TYPE, USER, DayLike, LogError, PathLike, day_start_us, list_days, to_date
-from data.sequences import SEQ_SCHEMA, prepare_out, gather_slices, list_parts, make_list, sequence_files
+from data.ray_utils import ensure_ray, reraise
+from data.schema import (
+    DAY_US,
+    TS,
+    TS_TYPE,
+    USER,
+    DayLike,
+    LogError,
+    PathLike,
+    day_start_us,
+    list_days,
+    require_day,
+    to_date,
+)
+from data.sequences import (
+    SEQ_SCHEMA,
+    build_sequences,
+    gather_slices,
+    list_parts,
+    make_list,
+    prepare_out,
+    sequence_files,
+)
 
 QUERY_SCHEMA = pa.schema(
     [
@@ -41,8 +62,8 @@ QUERY_SCHEMA = pa.schema(
 
 @dataclass
 class SplitResult:
-    train_dir: str
-    eval_dirs: dict  # name ("eval", or "valid"/"test" for leave-one-out) -> directory of query shards
+    train_sequences: str  # directory of the training split's sequence shards
+    queries: dict  # name ("eval", or "valid"/"test" for leave-one-out) -> directory of query shards
     num_train_users: int
     num_queries: dict  # name -> number of queries
     eval_day: Optional[dt.date] = None  # held-out day (None for leave-one-out)
@@ -154,8 +175,6 @@ def loo_rows(seqs: pa.Table, part: LooPart, query_len: int) -> pa.Table:
 Backend = Literal["ray", "arrow"]
 
 
-
-
 def _apply(seq_dir: PathLike, out_dir: str, fn, backend: Backend, **kwargs) -> int:
     """Write fn(batch, **kwargs) for every sequence shard to out_dir; returns rows written."""
     files = sequence_files(seq_dir)
@@ -169,10 +188,6 @@ def _apply(seq_dir: PathLike, out_dir: str, fn, backend: Backend, **kwargs) -> i
         return rows
     if backend != "ray":
         raise ValueError(f"backend must be 'ray' or 'arrow', got {backend!r}")
-    import ray
-
-    from data.ray_utils import ensure_ray, reraise
-
     ensure_ray()
     ds = ray.data.read_parquet(files).map_batches(fn, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
     try:
@@ -256,9 +271,6 @@ def prepare_held_out(
     overwrite: bool = False,
 ) -> SplitResult:
     """Log -> work_dir/sequences (through eval day) -> work_dir/train + work_dir/eval."""
-    from data.schema import require_day
-    from data.sequences import build_sequences
-
     day = resolve_eval_day(log_dir, eval_day)
     require_day(log_dir, day)
     seq_dir = os.path.join(os.fspath(work_dir), "sequences")

@@ -1,12 +1,16 @@
 """Item popularity over a training window, streamed from the log (used by popularity samplers and baselines)."""
 
 import datetime as dt
+import json
+import os
 from typing import Iterable, Optional, Union
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data.schema import ITEM, DayLike, LogError, PathLike, SkipReport, iter_file, list_files, to_date
+from data.sequences import list_parts, sequence_files
 
 
 def item_counts(
@@ -42,10 +46,6 @@ def item_counts(
 
 def sequence_item_counts(seq_dir: PathLike, num_items: int) -> np.ndarray:
     """(num_items + 1,) int64 occurrences of each item in a directory of sequences (e.g. the training split)."""
-    import pyarrow.parquet as pq
-
-    from data.sequences import list_parts, sequence_files
-
     counts = np.zeros(num_items + 1, dtype=np.int64)
     for path in sequence_files(seq_dir):
         for batch in pq.ParquetFile(path).iter_batches(columns=["item_ids"]):
@@ -67,11 +67,6 @@ def num_items(log_dir: PathLike) -> int:
     From `_synth.json` / `_movielens.json` when present, else from the Parquet row-group statistics (footers
     only, no data read); a file without statistics is scanned.
     """
-    import json
-    import os
-
-    import pyarrow.parquet as pq
-
     root = os.fspath(log_dir)
     for meta, key in (("_synth.json", ("config", "items")), ("_movielens.json", ("items",))):
         path = os.path.join(root, meta)

@@ -261,13 +261,6 @@ def load_meta(log_dir: PathLike) -> tuple[SynthConfig, dict]:
     return SynthConfig(**meta["config"]), meta
 
 
-def oracle_metrics(log_dir: PathLike, eval_day: Optional[str] = None, ks=(1, 5, 10, 20, 50, 100), **kwargs) -> dict:
-    """Bayes-optimal metrics on the held-out day (keywords: min_history, backend, seq_dir); see data/oracle.py."""
-    from data.oracle import oracle_metrics as _oracle
-
-    return _oracle(log_dir, eval_day, ks, **kwargs)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--users", type=int, required=True)

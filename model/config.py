@@ -9,7 +9,8 @@ Padding = Literal["zero", "circular", "reflect"]
 
 @dataclass
 class ModelConfig:
-    num_items: int = 1000  # real items have ids 1..num_items; id 0 is padding
+    # real items have ids 1..num_items; id 0 is padding. 0: the trainer takes it from the data
+    num_items: int = 0
     dim: int = 64
     num_layers: int = 2
     max_seq_len: int = 50  # L: the window the encoder sees
@@ -24,7 +25,9 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        for name in ("num_items", "dim", "num_layers", "max_seq_len", "kernel_size", "num_heads", "ffn_mult"):
+        if self.num_items < 0:
+            raise ValueError(f"model.num_items must be >= 1, or 0 to take it from the data; got {self.num_items}")
+        for name in ("dim", "num_layers", "max_seq_len", "kernel_size", "num_heads", "ffn_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:

@@ -90,8 +90,3 @@ def last_hidden(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(length, device=hidden.device).expand_as(valid)
     last = torch.where(valid, idx, -1).amax(dim=1).clamp(min=0)  # (B,)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def score_items(user: torch.Tensor, item_emb: torch.Tensor) -> torch.Tensor:
-    """Dot-product scores: (B, D) x (N, D) -> (B, N)."""
-    return user @ item_emb.T

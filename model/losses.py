@@ -1,8 +1,9 @@
 """Next-item losses over item embeddings supplied from outside.
 
-`next_item_loss` picks the training positions, draws negatives and looks every id up through
-one `embed` callable (an nn.Embedding here, the sharded TorchRec table in the trainer), so the
-single-process and distributed paths share the same code.
+`sample_loss_ids` picks the training positions and draws negatives before any lookup, so a caller can
+fetch every id it needs in one lookup (an nn.Embedding, or the sharded TorchRec table in the trainer);
+`loss_from_embeddings` then computes the loss from those embeddings. Single-process and distributed
+paths share the same code.
 
 Log-Q correction (sampled softmax). With M shared negatives drawn from Q, the full softmax
 partition sum_j exp(s_j) is estimated by exp(s_pos) + sum_m exp(s_m - log(M Q(m))), so each
@@ -13,14 +14,12 @@ Negatives equal to the row's positive ("accidental hits") are masked with -inf.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from model.config import LossConfig
-
-Embed = Callable[[torch.Tensor], torch.Tensor]  # ids (...) -> embeddings (..., D)
 
 
 class NegativeSampler:
@@ -114,13 +113,6 @@ def _loss_positions(targets: torch.Tensor, positions: str) -> torch.Tensor:
     return mask
 
 
-def training_rows(hidden: torch.Tensor, targets: torch.Tensor, positions: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the (query, target) pairs that carry a loss: hidden (B, L, D), targets (B, L) with 0 where
-    there is none -> query (N, D) and target ids (N,)."""
-    mask = _loss_positions(targets, positions)
-    return hidden[mask], targets[mask]
-
-
 @dataclass
 class LossIds:
     """The items a loss needs, drawn before any lookup so a trainer can fetch them in one collective."""
@@ -171,17 +163,3 @@ def loss_from_embeddings(
         )
     fn = bce if cfg.type == "bce" else bpr
     return fn(query, pos_emb, neg_emb)
-
-
-def next_item_loss(
-    cfg: LossConfig,
-    hidden: torch.Tensor,  # (B, L, D)
-    targets: torch.Tensor,  # (B, L)
-    embed: Embed,
-    sampler: NegativeSampler,
-    positions: str = "all",
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Mean next-item loss; looks items up through `embed` exactly once, even for a batch with no targets."""
-    ids = sample_loss_ids(cfg, targets, sampler, positions, generator)
-    return loss_from_embeddings(cfg, hidden, ids, embed(ids.all), sampler)

@@ -10,7 +10,6 @@ All mixers map (B, L, D) -> (B, L, D). Inputs at padded positions must already b
 - CausalSelfAttention (`attention`): the SASRec baseline through scaled_dot_product_attention.
 """
 
-import math
 from typing import Optional
 
 import torch

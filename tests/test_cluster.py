@@ -26,13 +26,17 @@ SMALL = [
 ]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
+pytestmark = pytest.mark.ray_train
+
 
 @pytest.fixture(scope="module")
 def head():
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: Ray's socket paths live under it
     port, dashboard_port = local.free_port(), local.free_port()
-    rc = local.main(["start", "--port", str(port), "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
-                     "--object-store-gib", "0.5", "--temp-dir", temp_dir])
+    with pytest.MonkeyPatch.context() as mp:  # a plain shell: no DS_ACCELERATOR for the head or its workers
+        mp.delenv("DS_ACCELERATOR", raising=False)
+        rc = local.main(["start", "--port", str(port), "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+                         "--object-store-gib", "0.5", "--temp-dir", temp_dir])
     assert rc == 0
     h = local.read_state(temp_dir)
     yield h
@@ -46,9 +50,21 @@ def submitted(head, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_JOB_TOKEN_FILE", str(local.token_path(head.temp_dir)))
         mp.delenv("RAY_JOB_TOKEN", raising=False)
+        mp.delenv("DS_ACCELERATOR", raising=False)  # as from a plain shell
         rc = submit.main(["--address", head.job_address, "--config", "configs/smoke.yaml", "--storage",
                           str(storage), "--job-id", "test-smoke", *SMALL])
     return rc, storage / "test-smoke"
+
+
+@pytest.mark.parametrize("value", [None, "", "cpu", "cuda"])
+def test_submit_never_forwards_ds_accelerator(monkeypatch, value):
+    """DeepSpeed refuses an empty DS_ACCELERATOR, and `cpu` would move a GPU worker's tower to the CPU: the
+    submitting shell's value never reaches the job; each worker sets it from its device."""
+    if value is None:
+        monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    else:
+        monkeypatch.setenv("DS_ACCELERATOR", value)
+    assert "DS_ACCELERATOR" not in submit.runtime_env("image")["env_vars"]
 
 
 def test_local_head_is_up_on_loopback_only(head, capfd):
@@ -137,7 +153,7 @@ def two_nodes(submitted, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
-    from trainer.launch import run
+    from trainer.driver.launch import run
 
     ray.shutdown()  # other test modules may have left a local instance in this process
     node_args = {"num_cpus": 2, "object_store_memory": 256 * 2**20}  # 2 logical CPUs: Ray Data keeps one

@@ -1,5 +1,5 @@
 """The cluster definitions under deploy/ and the GPU lock: they parse, their entrypoints run real configs, and
-the image installs the lock whose torch / fbgemm-gpu / torchrec versions pair (stack.md)."""
+the image installs the lock whose torch / fbgemm-gpu / torchrec versions pair (docs/dependencies.md)."""
 
 import re
 import shlex

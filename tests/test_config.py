@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import ray
 
-from trainer.config import Config, dump_config, load_config
+from tests.helpers import dump_config
+from trainer.config import Config, load_config
+from trainer.driver import launch
 
 # Trainer configs; sweep definitions under configs/scaling/ are loaded by tests/test_scaling.py.
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,7 +92,7 @@ def test_missing_and_bad_files(tmp_path):
     ("eval.select=ndcg@7", r"eval.select must be .* k in eval.ks"),
     ("eval.select=auc", "eval.select must be"),
     ("eval.patience=-1", "eval.patience"),
-    ("training.fault_kill_in_save=true", "fault_kill_in_save needs a checkpoint"),
+    ("debug.kill_in_save=true", "kill_in_save needs a checkpoint"),
 ])
 def test_selection_and_split_mistakes_are_refused(override, match):
     with pytest.raises(ValueError, match=match):
@@ -130,10 +133,6 @@ def test_use_gpu_no_refuses_nccl():
 
 
 def test_launch_use_gpu_follows_the_config(monkeypatch):
-    import ray
-
-    from trainer import launch
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 2.0})
     for text, want in [("true", True), ("yes", True), ("false", False), ("no", False), ("auto", True)]:
         assert launch.use_gpu(load_config(None, [f"distributed.use_gpu={text}"])) is want, text

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.config import SynthConfig
-from data.loader import WindowLoader, cut_windows, to_kjt
+from data.loader import WindowLoader, cut_windows
 from data.sequences import build_sequences, list_parts, read_sequences
 from data.synth import generate
 
@@ -111,6 +111,7 @@ def _worker(config: dict) -> None:
         json.dump({"full": full, "rest": rest}, f)
 
 
+@pytest.mark.ray_train
 def test_ray_train_shards_cover_the_data_and_resume(seq_dir, tmp_path, ray_local):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -126,13 +127,6 @@ def test_ray_train_shards_cover_the_data_and_resume(seq_dir, tmp_path, ray_local
         assert len(res["full"]) > 2 and res["rest"] == res["full"][2:]
     got = _pairs({k: torch.tensor(v) for k, v in b.items()} for res in results for b in res["full"])
     assert got == _pairs(WindowLoader(seq_dir, seq_len=L, batch_size=B))
-
-
-def test_keyed_jagged_tensor_keeps_padding_positions():
-    ids = torch.tensor([[0, 0, 3], [4, 5, 6]])
-    kjt = to_kjt(ids)
-    assert kjt.keys() == ["item"]
-    assert kjt.lengths().tolist() == [3, 3] and kjt.values().tolist() == [0, 0, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------- row shares

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data.movielens import convert, detect_format
-from data.schema import iter_log, list_days
+from data.schema import list_days
 from data.sequences import build_sequences, read_sequences
+from tests.helpers import iter_log
 
 DAY1 = 978_307_200  # 2001-01-01 00:00:00 UTC
 ROWS = [  # (user, item, rating, seconds), in file order
@@ -80,7 +81,7 @@ def test_recbole_without_timestamp_is_refused(tmp_path):
 def test_cli(tmp_path):
     src = tmp_path / "u.data"
     src.write_text("".join(f"{u}\t{i}\t{r}\t{s}\n" for u, i, r, s in ROWS))
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = dict(os.environ)
     out = subprocess.run([sys.executable, "-m", "data.movielens", str(src), "--out", str(tmp_path / "log")],
                          capture_output=True, text=True, env=env, check=True)
     assert json.loads(out.stdout)["events"] == 5

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data.schema import LogError, SkipReport, iter_log, list_files, require_day
-from data.testing import events_table, ts, write_log
+from data.schema import LogError, SkipReport, list_files, require_day
+from tests.helpers import events_table, iter_log, ts, write_log
 
 GOOD = [(1, 10, "2026-01-01 08:00:00"), (1, 11, "2026-01-01 09:00:00"), (2, 12, "2026-01-02 10:00:00")]
 

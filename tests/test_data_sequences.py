@@ -11,7 +11,7 @@ from data.config import SynthConfig
 from data.schema import LogError
 from data.sequences import build_sequences, read_sequences
 from data.synth import generate
-from data.testing import events_table, write_log
+from tests.helpers import events_table, write_log
 
 EVENTS = [
     (2, 30, "2026-01-02 10:00:00"),

@@ -7,7 +7,7 @@ import pytest
 
 from data.schema import LogError, list_days
 from data.stats import item_counts, window_days
-from data.testing import write_log
+from tests.helpers import write_log
 
 EVENTS = [(1, 3, "2026-01-01 10:00:00"), (2, 3, "2026-01-01 11:00:00"), (1, 1, "2026-01-02 10:00:00"),
           (3, 5, "2026-01-03 10:00:00"), (3, 3, "2026-01-03 11:00:00")]

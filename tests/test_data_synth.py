@@ -12,9 +12,10 @@ import pyarrow.dataset as pads
 import pytest
 
 from data.config import SynthConfig
+from data.oracle import oracle_metrics
 from data.schema import DAY_US, day_start_us
 from data.sequences import build_sequences, list_parts, read_sequences
-from data.synth import POP, REPEAT, Process, generate, oracle_metrics
+from data.synth import POP, REPEAT, Process, generate
 
 CFG = SynthConfig(users=3000, items=2000, days=4, seed=7, events_per_user=150, users_per_chunk=700, workers=1)
 
@@ -152,7 +153,7 @@ def test_cli(tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "data.synth", "--users", "40", "--items", "30", "--days", "2", "--out", str(out),
            "--seed", "3", "--workers", "1"]
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env = dict(os.environ)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["events"] > 0

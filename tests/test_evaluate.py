@@ -1,7 +1,7 @@
 """Distributed full-catalogue ranking == single-process brute force, for every sharding plan.
 
 The brute force here is deliberately naive (a Python sort per query by (score desc, id asc))
-and shares no code with trainer/evaluate.py except the metric formulas (tested in test_metrics).
+and shares no code with trainer/evaluation/ranking.py except the metric formulas (tested in test_metrics).
 Integer-valued tables and queries make every dot product exact and create many ties, so ranks
 and top-k lists must match exactly, tie-breaking included.
 """
@@ -13,10 +13,21 @@ from typing import Any
 import pytest
 import torch
 
-from tests.distributed_utils import run_distributed
-from tests.test_parallel import DIM, NUM_ITEMS, small_config
-from trainer.evaluate import EvalBatch, EmbeddingScorer, PopularityScorer, chunk_topk, evaluate, order_topk, rank_batch
-from trainer.metrics import MetricSums
+from tests.helpers import DIM, NUM_ITEMS, run_distributed
+from tests.helpers import small_stack_config as small_config
+from trainer.distributed.collectives import lockstep
+from trainer.distributed.context import DistContext
+from trainer.distributed.embeddings import ShardedItemTable
+from trainer.evaluation.metrics import MetricSums
+from trainer.evaluation.ranking import (
+    EmbeddingScorer,
+    EvalBatch,
+    PopularityScorer,
+    chunk_topk,
+    evaluate,
+    order_topk,
+    rank_batch,
+)
 
 NUM_ROWS = NUM_ITEMS + 1
 KS = [1, 5, 10]
@@ -65,14 +76,10 @@ def brute_force(scores: torch.Tensor, batch: EvalBatch, k: int,
 
 
 def _eval_worker(rank: int, world: int, sharding: str, kind: str, exclude_seen: bool) -> dict[str, Any]:
-    from trainer.embeddings import ShardedItemTable
-    from trainer.evaluate import lockstep
-    from trainer.parallel import DistContext
-
     data = make_data(kind)
     table = ShardedItemTable(small_config(sharding), DistContext.from_process_group())
     table.copy_from_full(data["table"])
-    scorers = {"model": EmbeddingScorer.from_table(table),
+    scorers = {"model": EmbeddingScorer(*table.row_block()),
                "popularity": PopularityScorer(data["counts"], *table.row_range())}
     out: dict[str, Any] = {"type": table.sharding_type}
     for name, scorer in scorers.items():

@@ -16,9 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_train import SMALL, small_config
+from tests.helpers import SMALL
+from tests.helpers import small_run_config as small_config
 from trainer.checkpoint import latest_checkpoint
-from trainer.launch import run
+from trainer.driver.launch import run
 
 ROOT = Path(__file__).resolve().parent.parent
 # A checkpoint every 5 steps: one exists early, and --resume starts in the middle of an epoch.
@@ -31,7 +32,7 @@ def _start(out: Path) -> tuple[subprocess.Popen, Path]:
     log = out.parent / f"{out.name}.log"
     cmd = [sys.executable, "-m", "trainer.train", "--config", "configs/smoke.yaml", *SMALL, *OVERRIDES,
            f"output.dir={out}"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    env = dict(os.environ)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
@@ -103,6 +104,7 @@ def driver(tmp_path):
             proc.wait()
 
 
+@pytest.mark.ray_train
 def test_ctrl_c_stops_the_run_and_resume_finishes_it(driver, tmp_path):
     out = tmp_path / "run"
     proc, log = driver(out)
@@ -121,6 +123,7 @@ def test_ctrl_c_stops_the_run_and_resume_finishes_it(driver, tmp_path):
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values())
 
 
+@pytest.mark.ray_train
 def test_sigterm_while_workers_start_stops_the_run(driver, tmp_path):
     # the window in which Ray Train's own SIGINT handling used to wait for the worker group to come up
     out = tmp_path / "run"

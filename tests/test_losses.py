@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model.config import LossConfig
-from model.losses import NegativeSampler, bce, bpr, next_item_loss, sampled_softmax, training_rows
+from model.losses import NegativeSampler, bce, bpr, sample_loss_ids, sampled_softmax
+from tests.helpers import next_item_loss
 
 
 def test_bce_by_hand():
@@ -101,13 +102,13 @@ def test_uniform_sampler_range_and_logq():
     assert s.log_q(ids[:3]).allclose(torch.full((3,), -math.log(10)))
 
 
-def test_training_rows_all_vs_last():
+def test_loss_positions_all_vs_last():
     hidden = torch.arange(2 * 3 * 1, dtype=torch.float).view(2, 3, 1)
     targets = torch.tensor([[0, 5, 6], [7, 0, 8]])
-    q, t = training_rows(hidden, targets, "all")
-    assert t.tolist() == [5, 6, 7, 8] and q.squeeze(-1).tolist() == [1, 2, 3, 5]
-    q, t = training_rows(hidden, targets, "last")
-    assert t.tolist() == [6, 8] and q.squeeze(-1).tolist() == [2, 5]
+    ids = sample_loss_ids(LossConfig(), targets, NegativeSampler(10), "all")
+    assert ids.pos_ids.tolist() == [5, 6, 7, 8] and hidden[ids.mask].squeeze(-1).tolist() == [1, 2, 3, 5]
+    ids = sample_loss_ids(LossConfig(), targets, NegativeSampler(10), "last")
+    assert ids.pos_ids.tolist() == [6, 8] and hidden[ids.mask].squeeze(-1).tolist() == [2, 5]
 
 
 @pytest.mark.parametrize("kind", ["sampled_softmax", "bce", "bpr"])
@@ -132,6 +133,7 @@ def test_empty_batch_still_looks_up_once(kind):
         return emb(ids)
 
     hidden = torch.randn(1, 5, 4, requires_grad=True)
-    loss = next_item_loss(LossConfig(type=kind, num_negatives=3), hidden, torch.zeros(1, 5, dtype=torch.long), embed, NegativeSampler(10))
+    no_targets = torch.zeros(1, 5, dtype=torch.long)
+    loss = next_item_loss(LossConfig(type=kind, num_negatives=3), hidden, no_targets, embed, NegativeSampler(10))
     loss.backward()
     assert len(calls) == 1 and loss.item() == 0.0 and hidden.grad is not None

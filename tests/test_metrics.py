@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.metrics import MetricSums, hit_rate, ndcg, recall, reciprocal_rank
+from trainer.evaluation.metrics import MetricSums, hit_rate, ndcg, recall, reciprocal_rank
 
 
 def test_hit_rate_ndcg_mrr_by_hand() -> None:
@@ -27,12 +27,11 @@ def test_recall_counts_each_relevant_item_once() -> None:
     assert r[:2].tolist() == [1.0, 0.0]
 
 
-def test_metric_sums_average_over_batches_and_merge() -> None:
-    a, b = MetricSums([1, 3]), MetricSums([1, 3])
+def test_metric_sums_average_over_batches() -> None:
+    a = MetricSums([1, 3])
     a.add_ranks(torch.tensor([1, 4]))
-    b.add_ranks(torch.tensor([2]))
-    b.add_recall(torch.tensor([[3, 1, 2]]), torch.tensor([[1, 9]]))
-    a.merge(b)
+    a.add_ranks(torch.tensor([2]))
+    a.add_recall(torch.tensor([[3, 1, 2]]), torch.tensor([[1, 9]]))
     m = a.means()
     assert m["hr@1"] == pytest.approx(1 / 3)
     assert m["hr@3"] == pytest.approx(2 / 3)

@@ -114,7 +114,8 @@ def test_causal(kw, t):
         assert not torch.allclose(y[:, t + 1 :], y2[:, t + 1 :], atol=1e-3)
 
 
-@pytest.mark.parametrize("kw", [dict(mixer="dwc", padding="circular", kernel_size=8), dict(mixer="fft", padding="circular", kernel_size=8)])
+@pytest.mark.parametrize("kw", [dict(mixer="dwc", padding="circular", kernel_size=8),
+                                dict(mixer="fft", padding="circular", kernel_size=8)])
 def test_circular_is_not_causal(kw):
     enc = _encoder(**kw)
     x = torch.randn(2, 32, 16)
@@ -126,7 +127,8 @@ def test_circular_is_not_causal(kw):
 
 @pytest.mark.parametrize(
     "kw",
-    CAUSAL + [dict(mixer="dwc", padding="circular", kernel_size=8), dict(mixer="dwc", padding="reflect", kernel_size=8)],
+    CAUSAL + [dict(mixer="dwc", padding="circular", kernel_size=8),
+              dict(mixer="dwc", padding="reflect", kernel_size=8)],
     ids=lambda kw: f"{kw['mixer']}-{kw.get('padding', '')}-K{kw.get('kernel_size', '')}",
 )
 def test_padding_never_influences_real_positions(kw):

@@ -1,44 +1,34 @@
 """TorchRec sharded table + DeepSpeed dense tower, on 2-process gloo groups, against 1 process.
 
-Each test runs a module-level worker function in fresh processes (tests/distributed_utils.py)
-and compares what the ranks return with a single-process or unsharded reference.
+Each test runs a module-level worker function in fresh processes (tests/helpers.py `run_distributed`)
+and compares what the ranks return with a single-process or unsharded reference. Training goes through
+the production step, `trainer.worker.stack.Stack.train_step`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import deepspeed
+import deepspeed.comm.comm as ds_comm
 import pytest
 import torch
+import torch.distributed as dist
 
-from model.config import LossConfig, ModelConfig
-from tests.distributed_utils import run_distributed
+from model.config import LossConfig
+from model.convformer import SequenceEncoder
+from tests.helpers import DIM, NUM_ITEMS, SEQ, run_distributed
+from tests.helpers import small_stack_config as small_config
 from trainer.config import Config
+from trainer.distributed.context import DistContext
+from trainer.distributed.dense import deepspeed_config, init_deepspeed_comm, wrap_dense
+from trainer.distributed.embeddings import ShardedItemTable, fused_params, reference_table
+from trainer.worker.stack import Stack
 
-NUM_ITEMS = 49  # 50 rows: row-wise shards of equal size (25 + 25), needed by the broadcast trap test
-DIM = 16
-SEQ = 6
 PLANS = ["table_wise", "row_wise", "column_wise"]
 
 
-def small_config(sharding: str = "row_wise", zero: int = 0, precision: str = "fp32", batch: int = 4,
-                 **training: Any) -> Config:
-    cfg = Config()
-    cfg.model = ModelConfig(num_items=NUM_ITEMS, dim=DIM, num_layers=1, max_seq_len=SEQ, mixer="dwc",
-                            kernel_size=3, dropout=0.0, init_std=0.1)
-    cfg.distributed.sharding = sharding  # type: ignore[assignment]
-    cfg.distributed.zero_stage = zero
-    cfg.distributed.precision = precision  # type: ignore[assignment]
-    cfg.training.batch_size = batch
-    cfg.training.seed = 3
-    for key, value in training.items():
-        setattr(cfg.training, key, value)
-    return cfg
-
-
 def reference(cfg: Config) -> torch.Tensor:
-    from trainer.embeddings import reference_table
-
     return reference_table(cfg.model.num_items, cfg.model.dim, cfg.training.seed, cfg.model.init_std)
 
 
@@ -46,9 +36,6 @@ def reference(cfg: Config) -> torch.Tensor:
 
 
 def _lookup_worker(rank: int, world: int, sharding: str) -> dict[str, Any]:
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext
-
     cfg = small_config(sharding)
     ctx = DistContext.from_process_group()
     assert (ctx.rank, ctx.world_size, ctx.device.type, ctx.backend) == (rank, world, "cpu", "gloo")
@@ -64,38 +51,27 @@ def _lookup_worker(rank: int, world: int, sharding: str) -> dict[str, Any]:
             "type": table.sharding_type}
 
 
-def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: int) -> dict[str, Any]:
-    """`steps` steps on a fixed global batch of `batch_total` sequences; rank r takes its contiguous split."""
-    from model.convformer import SequenceEncoder
-    from model.losses import NegativeSampler, next_item_loss
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext, engine_dtype, wrap_dense
-
-    ctx = DistContext.from_process_group()
-    table = ShardedItemTable(cfg, ctx)
-    init_local = [(s, w.clone()) for s, w in table.local_shards()]
-    torch.manual_seed(0)  # same dense init on every rank and world size
-    engine = wrap_dense(SequenceEncoder(cfg.model), cfg, ctx)
-    import deepspeed.comm.comm as ds_comm
-
-    no_shm_build = ds_comm.cdb.shm_comm_op is None  # the ~50 s JIT build of DeepSpeed's shm op was skipped
-    sampler = NegativeSampler(cfg.model.num_items)
+def _batch(step: int, rank: int, world: int, batch_total: int) -> dict[str, torch.Tensor]:
+    """Step `step`'s global batch of left-padded sequences; rank r takes its contiguous split."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(1, NUM_ITEMS + 1, (batch_total, SEQ + 1), generator=gen)
+    lengths = torch.randint(2, SEQ + 2, (batch_total,), generator=gen)
+    ids[torch.arange(SEQ + 1)[None, :] < (SEQ + 1 - lengths)[:, None]] = 0  # left padding
     per = batch_total // world
+    ids = ids[rank * per : (rank + 1) * per]
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}  # (B, L) each
+
+
+def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: int) -> dict[str, Any]:
+    """`steps` production steps on a fixed global batch of `batch_total` sequences split over the ranks."""
+    stack = Stack(cfg, DistContext.from_process_group())
+    table, engine = stack.table, stack.engine
+    init_local = [(s, w.clone()) for s, w in table.local_shards()]
+    no_shm_build = ds_comm.cdb.shm_comm_op is None  # the ~50 s JIT build of DeepSpeed's shm op was skipped
     losses = []
     for step in range(steps):
-        gen = torch.Generator().manual_seed(1000 + step)
-        ids = torch.randint(1, NUM_ITEMS + 1, (batch_total, SEQ + 1), generator=gen)
-        lengths = torch.randint(2, SEQ + 2, (batch_total,), generator=gen)
-        ids[torch.arange(SEQ + 1)[None, :] < (SEQ + 1 - lengths)[:, None]] = 0  # left padding
-        ids = ids[rank * per : (rank + 1) * per]
-        inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, L) each
-        emb = table.lookup(inputs)  # (B, L, D) fp32
-        hidden = engine(emb.to(engine_dtype(engine)), inputs != 0).float()
-        neg_gen = torch.Generator().manual_seed(2000 + step)  # same negatives on every rank
-        loss = next_item_loss(cfg.training.loss, hidden, targets, table.lookup, sampler, positions="last",
-                              generator=neg_gen)
-        engine.backward(loss)
-        engine.step()
+        negatives = torch.Generator().manual_seed(2000 + step)  # the same negatives on every rank
+        loss, _ = stack.train_step(_batch(step, rank, world, batch_total), negatives)
         losses.append(loss.item())
     dense = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
     return {"dense": dense, "full": table.gather_full(), "losses": losses, "placement": table.placement(),
@@ -106,41 +82,29 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: i
 
 
 def _empty_rank_worker(rank: int, world: int, loss_scale: float) -> dict[str, Any]:
-    """Rank 1 runs out of data (an all-padding batch) while rank 0 still trains: both must join
-    every collective (lookups in forward, their all-to-alls in backward, DeepSpeed's reductions).
+    """Rank 1 runs out of data (the step gets None) while rank 0 still trains: both must join every
+    collective (the lookup in forward, its all-to-alls in backward, DeepSpeed's reductions).
     Run alone (world 1) with loss_scale 1/2, rank 0's batch is the reference."""
-    from model.convformer import SequenceEncoder
-    from model.losses import NegativeSampler, next_item_loss
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext, wrap_dense
-
     cfg = small_config("row_wise", loss=LossConfig(num_negatives=8))
-    ctx = DistContext.from_process_group()
-    table = ShardedItemTable(cfg, ctx)
-    torch.manual_seed(0)
-    engine = wrap_dense(SequenceEncoder(cfg.model), cfg, ctx)
-    sampler = NegativeSampler(cfg.model.num_items)
+    stack = Stack(cfg, DistContext.from_process_group())
     ids = torch.randint(1, NUM_ITEMS + 1, (4, SEQ + 1), generator=torch.Generator().manual_seed(5))
-    if rank == 1:
-        ids.zero_()
+    batch = None if rank == 1 else {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
     losses = []
     for _ in range(2):
-        inputs, targets = ids[:, :-1], ids[:, 1:]
-        hidden = engine(table.lookup(inputs), inputs != 0)
-        loss = next_item_loss(cfg.training.loss, hidden, targets, table.lookup, sampler, positions="all",
-                              generator=torch.Generator().manual_seed(9))
-        engine.backward(loss * loss_scale)
-        engine.step()
+        negatives = torch.Generator().manual_seed(9)
+        if loss_scale == 1.0:
+            loss, _ = stack.train_step(batch, negatives)
+        else:  # the reference: the same step with the loss scaled
+            loss, _ = stack.loss(batch, negatives)
+            stack.engine.backward(loss * loss_scale)
+            stack.engine.step()
         losses.append(loss.item())
-    table.check_lockstep()
-    return {"losses": losses, "dense": torch.cat([p.detach().flatten() for p in engine.module.parameters()]),
-            "full": table.gather_full()}
+    return {"losses": losses, "dense": torch.cat([p.detach().flatten() for p in stack.engine.module.parameters()]),
+            "full": stack.table.gather_full()}
 
 
 def _gather_sharded(states: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every ShardedTensor of an optimizer state as one full tensor (disjoint shards summed)."""
-    import torch.distributed as dist
-
     out = {}
     for name, st in states.items():
         full = torch.zeros(st.size())
@@ -154,12 +118,6 @@ def _gather_sharded(states: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def _broadcast_trap_worker(rank: int, world: int) -> dict[str, Any]:
     """What happens when DeepSpeed is handed a module that CONTAINS the sharded table."""
-    import deepspeed
-
-    from model.convformer import SequenceEncoder
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext, deepspeed_config, init_deepspeed_comm, wrap_dense
-
     cfg = small_config("row_wise")
     ctx = DistContext.from_process_group()
     table = ShardedItemTable(cfg, ctx)
@@ -179,9 +137,6 @@ def _broadcast_trap_worker(rank: int, world: int) -> dict[str, Any]:
 
 
 def _checkpoint_worker(rank: int, world: int, sharding: str, path: str) -> dict[str, Any]:
-    from trainer.embeddings import ShardedItemTable
-    from trainer.parallel import DistContext
-
     cfg = small_config(sharding)
     table = ShardedItemTable(cfg, DistContext.from_process_group())
 
@@ -249,7 +204,7 @@ def test_deepspeed_must_not_wrap_the_table() -> None:
     assert not torch.equal(r0_before, r1_before)  # distinct rows before
     assert torch.equal(r0_after, r0_before)
     # The trap: DeepSpeed's initial broadcast copied rank 0's rows over rank 1's shard.
-    assert torch.equal(r1_after, r0_before), "DeepSpeed no longer broadcasts module params; revisit stack.md"
+    assert torch.equal(r1_after, r0_before), "DeepSpeed no longer broadcasts module params: see docs/dependencies.md"
 
 
 @pytest.mark.parametrize("sharding,zero", [("row_wise", 0), ("row_wise", 1), ("row_wise", 2), ("table_wise", 0)])
@@ -260,8 +215,11 @@ def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
     splitting columns changes the optimizer (by design, not a bug here).
     """
     steps, batch_total = 3, 8
-    cfg2 = small_config(sharding, zero=zero, batch=batch_total // 2, loss=LossConfig(num_negatives=16))
-    cfg1 = small_config(sharding, zero=zero, batch=batch_total, loss=LossConfig(num_negatives=16))
+    # the loss at the last position: every sequence weighs the same, so the ranks' mean losses average to
+    # the full batch's
+    cfg2 = small_config(sharding, zero=zero, batch=batch_total // 2, positions="last",
+                        loss=LossConfig(num_negatives=16))
+    cfg1 = small_config(sharding, zero=zero, batch=batch_total, positions="last", loss=LossConfig(num_negatives=16))
     two = run_distributed(_train_worker, 2, cfg2, steps, batch_total)
     (one,) = run_distributed(_train_worker, 1, cfg1, steps, batch_total)
     assert all(out["no_shm_build"] for out in two + [one])
@@ -294,9 +252,7 @@ def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
 
 
 def run_init_dense(cfg: Config) -> torch.Tensor:
-    from model.convformer import SequenceEncoder
-
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.training.seed)
     return torch.cat([p.detach().flatten() for p in SequenceEncoder(cfg.model).parameters()])
 
 
@@ -327,8 +283,6 @@ def test_checkpoint_round_trip(sharding: str, tmp_path: Any) -> None:
 
 
 def test_sparse_adam_is_refused_on_cpu() -> None:
-    from trainer.embeddings import fused_params
-
     cfg = small_config(sparse_optimizer="adam")
     with pytest.raises(ValueError, match="sparse_optimizer"):
         fused_params(cfg, "cpu")

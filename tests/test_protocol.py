@@ -16,10 +16,10 @@ import torch
 from data.schema import TS, USER
 from data.sequences import SEQ_SCHEMA, build_sequences
 from data.split import QUERY_SCHEMA, leave_one_out, loo_rows, read_queries
-from data.testing import write_log
-from trainer.evaluate import EmbeddingScorer, EvalBatch, evaluate, rank_batch
-from trainer.metrics import MetricSums
-from trainer.queries import query_tensors
+from tests.helpers import write_log
+from trainer.evaluation.metrics import MetricSums
+from trainer.evaluation.queries import query_tensors
+from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate, rank_batch
 
 T0 = 978_307_200_000_000  # 2001-01-01 00:00:00 UTC in microseconds
 
@@ -97,7 +97,7 @@ def test_same_second_ties_are_held_out_by_item_id(tmp_path):
     write_log(tmp_path / "log", events)
     build_sequences(tmp_path / "log", tmp_path / "seq", backend="arrow")
     res = leave_one_out(tmp_path / "seq", tmp_path / "loo", query_len=10)
-    test, valid = read_queries(res.eval_dirs["test"]), read_queries(res.eval_dirs["valid"])
+    test, valid = read_queries(res.queries["test"]), read_queries(res.queries["valid"])
     assert test.column("target").to_pylist() == [30, 5]
     assert test.column("history").to_pylist() == [[99, 10, 20], [7, 3]]
     assert valid.column("target").to_pylist() == [20, 3]

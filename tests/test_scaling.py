@@ -19,7 +19,10 @@ DWC = "seq_len/mixer=dwc,seq_len=32"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "scaling").glob("*.yaml")))
+SWEEPS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "scaling").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS)
 def test_every_point_is_a_valid_trainer_config(path):
     cfg = scaling.load_sweep_config(REPO / path)
     ids = set()
@@ -61,6 +64,7 @@ def _rows(out: Path) -> dict[str, dict]:
         return {f"{r['sweep']}/mixer={r['mixer']},seq_len={r['seq_len']}": r for r in csv.DictReader(f)}
 
 
+@pytest.mark.ray_train
 def test_a_point_records_throughput_memory_phases_and_metrics(swept):
     rows = _rows(swept)
     r = rows[FFT]
@@ -74,12 +78,14 @@ def test_a_point_records_throughput_memory_phases_and_metrics(swept):
     assert (swept / "points" / pid / "point.json").is_file() and not (swept / "points" / pid / "run").exists()
 
 
+@pytest.mark.ray_train
 def test_a_time_out_is_recorded_and_the_sweep_goes_on(swept):
     rows = _rows(swept)
     assert rows[DWC]["status"] == "timeout" and rows[DWC]["events_per_s"] == ""
     assert rows[FFT]["status"] == "ok"  # the earlier point is still in the table
 
 
+@pytest.mark.ray_train
 def test_finished_points_are_not_rerun(swept, capsys):
     t0 = time.perf_counter()
     assert scaling.main(["--config", SMALL, "--out", str(swept), "--only", FFT, DWC]) == 0
@@ -89,6 +95,7 @@ def test_finished_points_are_not_rerun(swept, capsys):
     assert len(_rows(swept)) == 2
 
 
+@pytest.mark.ray_train
 def test_plots_are_drawn(swept, tmp_path):
     png = swept / "seq_len.png"
     assert png.read_bytes()[:8] == PNG

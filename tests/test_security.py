@@ -1,20 +1,35 @@
-"""The trainer's own local Ray instance listens on loopback only (issue #6, security)."""
+"""The local Ray instances the project starts listen on loopback only: the trainer's, and the one a data
+stage starts on its own (both through data.ray_utils.ensure_ray)."""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
 
-# In a fresh interpreter: the pytest session may already hold a Ray instance, which connect_ray would reuse.
+from tests.helpers import ROOT
+
+STARTS = {
+    "trainer": """
+from trainer.config import load_config
+from trainer.driver.launch import connect_ray
+connect_ray(load_config("configs/smoke.yaml", ["distributed.num_workers=1"]))
+""",
+    "data stage": """
+import tempfile
+from data.sequences import build_sequences
+from tests.helpers import write_log
+tmp = tempfile.mkdtemp()
+log = write_log(tmp + "/log", [(1, 2, "2026-01-01 00:00:01"), (1, 3, "2026-01-02 00:00:01")])
+build_sequences(log, tmp + "/seq", backend="ray")
+""",
+}
+
+# In a fresh interpreter: the pytest session may already hold a Ray instance, which would be reused.
 PROBE = """
 import json, psutil, ray
-from trainer.config import load_config
-from trainer.launch import connect_ray
-
-connect_ray(load_config("configs/smoke.yaml", ["distributed.num_workers=1"]))
+{start}
 procs = psutil.Process().children(recursive=True) + [psutil.Process()]
 listening = set()
 for p in procs:
@@ -28,10 +43,12 @@ ray.shutdown()
 """
 
 
-def test_local_ray_instance_listens_on_loopback_only():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize("who", sorted(STARTS))
+def test_local_ray_instance_listens_on_loopback_only(who):
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+    probe = PROBE.replace("{start}", STARTS[who])
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=180)
     line = next((x for x in out.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert line, out.stdout + out.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from tests.test_train import SMALL
+from tests.helpers import SMALL
 from trainer import storage
 from trainer.checkpoint import CheckpointError, check_resumable, fingerprint, latest_checkpoint, verify, write_manifest
 from trainer.config import load_config
@@ -30,7 +30,8 @@ def _config(out: Path, *overrides: str):
     ("file://relative/x", "hostname"),
 ])
 def test_storage_pyarrow_cannot_open_is_refused_naming_key_and_value(tmp_path, value, message):
-    with pytest.raises(ValueError, match=rf"output.storage='{value}' is not a storage location pyarrow can open: .*{message}"):
+    refused = rf"output.storage='{value}' is not a storage location pyarrow can open: .*{message}"
+    with pytest.raises(ValueError, match=refused):
         _config(tmp_path, f"output.storage={value}")
 
 
@@ -52,7 +53,7 @@ def test_locations_keep_their_kind():
 
 
 def test_write_results_copies_to_the_storage_uri(tmp_path):
-    from trainer.report import write_results
+    from trainer.driver.report import write_results
 
     write_results({"metrics": {"hr@10": 0.5}}, tmp_path / "out", also_to=f"file://{tmp_path}/store/run")
     local = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -178,8 +179,9 @@ def test_submit_with_a_uri_storage_fetches_results_from_it(tmp_path, monkeypatch
 # ---------------------------------------------------------------- end to end through the real trainer
 
 
+@pytest.mark.ray_train
 def test_checkpoints_and_results_go_to_a_uri_and_resume_from_it(tmp_path):
-    from trainer.launch import run
+    from trainer.driver.launch import run
 
     store = tmp_path / "store"
     uri = f"file://{store}"

@@ -3,23 +3,22 @@ Parquet data. Three small runs shared by the tests (about a minute each on 2 cor
 
 import json
 import math
+import shutil
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from data.config import SynthConfig
+from data.movielens import convert
+from data.synth import generate
+from tests.helpers import small_run_config as small_config
+from trainer.checkpoint import CheckpointError, latest_checkpoint, verify
 from trainer.config import load_config
-from trainer.launch import run
+from trainer.driver.launch import run
 
-SMALL = [
-    "data.synth.users=300", "data.synth.items=200", "data.synth.days=4", "data.synth.events_per_user=60",
-    "data.backend=arrow", "model.num_items=200", "model.dim=16", "model.max_seq_len=20", "model.kernel_size=20",
-    "training.batch_size=32", "training.epochs=2", "training.log_every=5", "training.loss.num_negatives=32",
-    "eval.ks=[1,10,50]", "distributed.num_workers=2",
-]
-
-
-def small_config(out: Path, *overrides: str):
-    return load_config("configs/smoke.yaml", [*SMALL, f"output.dir={out}", *overrides])
+pytestmark = pytest.mark.ray_train
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +51,11 @@ def test_end_to_end(two_workers):
     assert (ckpt / "manifests" / "rank0.json").is_file() and (ckpt / "manifests" / "rank1.json").is_file()
     assert (ckpt / "table" / ".metadata").is_file() and (ckpt / "dense").is_dir()
     # served embeddings: every item once, across both ranks' files; one row per evaluated user
-    import pyarrow.parquet as pq
-
     items = pq.read_table(out / "embeddings" / "items").column("item_id").to_pylist()
     assert sorted(items) == list(range(1, 201))
     users = pq.read_table(out / "embeddings" / "users")
-    assert users.num_rows == results["data"]["num_eval_queries"] and users.schema.field("embedding").type.list_size == 16
+    assert users.num_rows == results["data"]["num_eval_queries"]
+    assert users.schema.field("embedding").type.list_size == 16
 
 
 def test_resume_continues_exactly(two_workers, tmp_path):
@@ -91,7 +89,7 @@ def test_rerun_without_resume_is_refused(two_workers):
 def test_killed_worker_is_recovered_from_the_latest_checkpoint(two_workers, tmp_path):
     _, reference = two_workers
     results = run(small_config(tmp_path, "training.max_failures=1", "output.checkpoint_every=5",
-                               "training.fault_kill_at_step=8", "training.fault_kill_rank=1"))
+                               "debug.kill_at_step=8", "debug.kill_rank=1"))
     assert results["throughput"]["restored_from_checkpoint"]
     # restored at step 5 with the loader's position: no batch skipped or repeated, so the same model
     for key, value in reference["metrics"].items():
@@ -99,12 +97,10 @@ def test_killed_worker_is_recovered_from_the_latest_checkpoint(two_workers, tmp_
 
 
 def test_crash_while_saving_leaves_the_previous_checkpoint(two_workers, tmp_path):
-    from trainer.checkpoint import CheckpointError, verify
-
     _, reference = two_workers
     results = run(small_config(tmp_path, "training.max_failures=1", "output.checkpoint_every=5",
-                               "training.fault_kill_at_step=10", "training.fault_kill_rank=1",
-                               "training.fault_kill_in_save=true"))
+                               "debug.kill_at_step=10", "debug.kill_rank=1",
+                               "debug.kill_in_save=true"))
     # rank 1 died halfway through uploading step 10's checkpoint: the half-written directory is in storage,
     # was never registered, and fails verification; training resumed from step 5 and reached the same model
     assert results["throughput"]["restored_from_checkpoint"]
@@ -121,31 +117,23 @@ def test_crash_while_saving_leaves_the_previous_checkpoint(two_workers, tmp_path
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     with pytest.raises(Exception, match="non-finite loss at step 3"):
-        run(small_config(tmp_path, "training.fault_nan_at_step=3", "training.epochs=1"))
-    from trainer.checkpoint import latest_checkpoint
-
+        run(small_config(tmp_path, "debug.nan_at_step=3", "training.epochs=1"))
     assert latest_checkpoint(tmp_path / "ray" / "train") is None  # nothing was saved from that state
 
 
 def test_nonfinite_loss_can_skip_the_batch(tmp_path):
-    results = run(small_config(tmp_path, "training.fault_nan_at_step=3", "training.epochs=1",
+    results = run(small_config(tmp_path, "debug.nan_at_step=3", "training.epochs=1",
                                "training.on_nonfinite_loss=skip"))
     assert results["throughput"]["skipped_steps"] == 1
     assert all(math.isfinite(v) for v in results["metrics"].values())
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
-    from trainer.checkpoint import latest_checkpoint
-
     return latest_checkpoint(dst / "ray" / "train")
 
 
 def test_corrupt_checkpoint_is_refused_before_loading(two_workers, tmp_path):
-    from trainer.checkpoint import CheckpointError
-
     out, _ = two_workers
     ckpt = _copy_run(out, tmp_path / "run")
     shard = next((ckpt / "table").glob("*.distcp"))
@@ -157,8 +145,6 @@ def test_corrupt_checkpoint_is_refused_before_loading(two_workers, tmp_path):
 
 
 def test_incomplete_checkpoint_is_refused(two_workers, tmp_path):
-    from trainer.checkpoint import CheckpointError
-
     out, _ = two_workers
     ckpt = _copy_run(out, tmp_path / "run")
     (ckpt / "manifests" / "rank1.json").unlink()  # as if rank 1 died while saving
@@ -184,9 +170,6 @@ def test_missing_data_path_is_refused(tmp_path):
 
 
 def test_item_ids_beyond_the_table_are_refused(tmp_path):
-    from data.config import SynthConfig
-    from data.synth import generate
-
     log = generate(SynthConfig(users=40, items=200, days=3, workers=1), tmp_path / "log")
     with pytest.raises(ValueError, match=r"model.num_items=100 is smaller than the largest item id 200"):
         run(small_config(tmp_path / "out", f"data.path={log}", "model.num_items=100"))
@@ -198,8 +181,6 @@ def test_item_ids_beyond_the_table_are_refused(tmp_path):
 
 def _tiny_movielens(path: Path, users: int = 200, items: int = 100, events: int = 25) -> Path:
     """A u.data file (user, item, rating, unix seconds) with a learnable order: mostly item -> item + 1."""
-    import numpy as np
-
     rng = np.random.default_rng(0)
     lines = []
     for u in range(1, users + 1):
@@ -213,8 +194,6 @@ def _tiny_movielens(path: Path, users: int = 200, items: int = 100, events: int 
 
 
 def test_leave_one_out_selects_on_validation_and_beats_popularity(tmp_path):
-    from data.movielens import convert
-
     convert(_tiny_movielens(tmp_path / "u.data"), tmp_path / "log")
     results = run(load_config("configs/smoke.yaml", [
         f"data.path={tmp_path / 'log'}", "data.split=leave_one_out", "data.backend=arrow", "model.num_items=100",

@@ -1,20 +1,18 @@
-"""Checkpoints through Ray Train: the sharded table (DCP), the DeepSpeed state, the loader position.
+"""The checkpoint format and its checks, shared by the driver and the workers.
 
-Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
-directories into one checkpoint in storage and registers it only once every rank has reported, so a
-crash while saving leaves the previous checkpoint the latest. Each rank also writes a manifest of its
-files (size, CRC-32); loading verifies every manifest first, so a corrupt or incomplete checkpoint is
-reported by file name and never half-loaded. The driver-side checks (`latest_checkpoint`, `check_resumable`,
-`verify`, `check_compatible`) read a local directory or a storage URI alike, through pyarrow.fs.
+A checkpoint is one Ray Train checkpoint directory: table/ (the sharded table and its fused optimizer state,
+torch.distributed.checkpoint), dense/ (the DeepSpeed state), loader/rankR.json (each rank's data position),
+trainer/rankR.pt (step, generators, early-stopping state), meta.json (rank 0: config fingerprint, world size,
+step, epoch) and manifests/rankR.json (every file a rank wrote, with size and CRC-32). Workers write and read
+it (trainer/worker/checkpointer.py); the driver checks it before any worker starts (`check_resumable`). The
+checks read a local directory or a storage URI alike, through pyarrow.fs, and name the file or the config key
+that is wrong, so a corrupt, incomplete or incompatible checkpoint is refused and never half-loaded.
 """
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-import ray.train
-import torch
 from pyarrow.fs import LocalFileSystem
 
 from trainer import storage
@@ -111,63 +109,3 @@ def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
     verify(ckpt, meta["world_size"])
     check_compatible(ckpt, cfg, meta)
     return ckpt
-
-
-class Checkpointer:
-    def __init__(self, cfg: Config, ctx) -> None:
-        self.cfg, self.ctx = cfg, ctx
-
-    def save(self, state: dict[str, Any], table, engine, loader, metrics: dict[str, Any], die: bool = False) -> None:
-        """Write this rank's part and report it. `die`: fault injection, SIGKILL halfway through the upload."""
-        with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.ctx.rank}-") as tmp:
-            root = Path(tmp)
-            table.save(root / "table")  # collective: DCP, each rank its own shard files
-            engine.save_checkpoint(str(root / "dense"), tag="dense")  # collective
-            (root / "loader").mkdir()
-            (root / "loader" / f"rank{self.ctx.rank}.json").write_text(json.dumps(loader.state_dict()))
-            (root / "trainer").mkdir()
-            torch.save(state, root / "trainer" / f"rank{self.ctx.rank}.pt")
-            if self.ctx.rank == 0:
-                meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
-                        "step": state["step"], "epoch": state["epoch"]}
-                (root / "meta.json").write_text(json.dumps(meta, indent=1))
-            write_manifest(root, self.ctx.rank)
-            upload = _upload_half_then_die if die else None
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_upload_fn=upload)
-
-    def load(self, checkpoint: "ray.train.Checkpoint", table, engine, loader) -> dict[str, Any]:
-        with checkpoint.as_directory() as tmp:
-            root = Path(tmp)
-            verify(root, self.ctx.world_size)
-            check_compatible(root, self.cfg)
-            table.load(root / "table")
-            engine.load_checkpoint(str(root / "dense"), tag="dense")
-            loader.load_state_dict(json.loads((root / "loader" / f"rank{self.ctx.rank}.json").read_text()))
-            state = torch.load(root / "trainer" / f"rank{self.ctx.rank}.pt", weights_only=False)
-        if self.ctx.rank == 0:
-            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']})", flush=True)
-        return state
-
-
-def _upload_half_then_die(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
-    """Fault injection: copy half of this rank's files into the checkpoint's storage directory (as Ray's
-    own upload would), then SIGKILL this process: a crash in the middle of writing a checkpoint."""
-    import os
-    import signal
-    import time
-
-    import pyarrow.fs
-
-    # Ray's controller polls reports every 2 s: let the previous checkpoint's registration land first.
-    time.sleep(5)
-    storage = ray.train.get_context().get_storage()
-    dest = storage.build_checkpoint_path_from_name(dir_name)
-    files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
-    for f in files[: len(files) // 2]:
-        target = f"{dest}/{f.relative_to(checkpoint.path).as_posix()}"
-        storage.storage_filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        pyarrow.fs.copy_files(str(f), target, destination_filesystem=storage.storage_filesystem)
-    print(f"fault injection: killing pid {os.getpid()} after uploading {len(files) // 2} of {len(files)} files "
-          f"of {dir_name}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
-    raise AssertionError("unreachable")

@@ -18,6 +18,7 @@ import yaml
 
 from data.config import DataConfig
 from model.config import LossConfig, ModelConfig
+from trainer import storage
 
 
 @dataclass
@@ -35,13 +36,6 @@ class TrainingConfig:
     grad_clip: float = 1.0  # 0 disables
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     max_failures: int = 0  # worker failures Ray Train recovers from (restarting from the latest checkpoint)
-    # Fault injection, for reliability tests: 0 disables. Kill rank `fault_kill_rank` (SIGKILL) before step N
-    # of a run not yet restarted (with fault_kill_in_save: halfway through uploading step N's checkpoint);
-    # make the loss NaN at step N.
-    fault_kill_at_step: int = 0
-    fault_kill_rank: int = 0
-    fault_kill_in_save: bool = False
-    fault_nan_at_step: int = 0
     log_every: int = 20
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -49,8 +43,8 @@ class TrainingConfig:
         for name in ("epochs", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.max_failures, self.fault_kill_at_step, self.fault_kill_rank, self.fault_nan_at_step) < 0:
-            raise ValueError("training.max_failures and training.fault_* must be >= 0")
+        if self.max_failures < 0:
+            raise ValueError(f"training.max_failures must be >= 0, got {self.max_failures}")
         if self.max_steps < 0:
             raise ValueError(f"training.max_steps must be >= 0, got {self.max_steps}")
         for name in ("lr", "sparse_lr"):
@@ -138,8 +132,6 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("output.checkpoint_every must be >= 0 and output.keep_checkpoints >= 1")
-        from trainer import storage
-
         if storage.is_uri(self.storage):
             try:
                 storage.resolve(self.storage)
@@ -150,6 +142,22 @@ class OutputConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for the reliability tests (trainer/worker/faults.py); 0 and false disable it.
+    Kill rank `kill_rank` (SIGKILL) before step N of a run not yet restarted (with kill_in_save: halfway
+    through uploading step N's checkpoint); make the loss NaN at step N."""
+
+    kill_at_step: int = 0
+    kill_rank: int = 0
+    kill_in_save: bool = False
+    nan_at_step: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.kill_at_step, self.kill_rank, self.nan_at_step) < 0:
+            raise ValueError("debug.kill_at_step, debug.kill_rank and debug.nan_at_step must be >= 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +165,7 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def __post_init__(self) -> None:
         if self.training.positions == "all" and not self.model.causal:
@@ -166,13 +175,13 @@ class Config:
                 "use model.padding=zero or training.positions=last"
             )
         every = self.output.checkpoint_every
-        if self.training.fault_kill_in_save and not (every and self.training.fault_kill_at_step % every == 0):
+        if self.debug.kill_in_save and not (every and self.debug.kill_at_step % every == 0):
             raise ValueError(
-                f"training.fault_kill_in_save needs a checkpoint at training.fault_kill_at_step="
-                f"{self.training.fault_kill_at_step}: make it a multiple of output.checkpoint_every={every}"
+                f"debug.kill_in_save needs a checkpoint at debug.kill_at_step="
+                f"{self.debug.kill_at_step}: make it a multiple of output.checkpoint_every={every}"
             )
-
-        if not self.data.path and self.data.synth.items > self.model.num_items:
+        # model.num_items 0 means "from the data" (trainer/driver/launch.py sizes the table)
+        if not self.data.path and 0 < self.model.num_items < self.data.synth.items:
             raise ValueError(
                 f"data.synth.items={self.data.synth.items} exceeds model.num_items={self.model.num_items}: "
                 "the item table must hold every generated item"
@@ -286,7 +295,3 @@ def _describe(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return {bool: "true, false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -5,6 +5,8 @@ logger; TorchRec, DeepSpeed and Ray Data are chatty at INFO too). Warnings and e
 import logging
 import warnings
 
+import ray.data
+
 NOISY = ("ray.data", "ray.train", "ray.tune", "deepspeed", "DeepSpeed", "torchrec", "fbgemm_gpu", "torch.distributed")
 
 
@@ -14,9 +16,4 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # TorchRec's planner warns about its default storage reservation on every plan; it is not actionable here.
     warnings.filterwarnings("ignore", message=".*HeuristicalStorageReservation.*")
-    try:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    except ImportError:
-        pass
+    ray.data.DataContext.get_current().enable_progress_bars = False

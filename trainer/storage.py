@@ -8,6 +8,7 @@ stay at its end.
 """
 
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Optional, Union
@@ -117,8 +118,6 @@ def write_bytes(where: Location, data: bytes) -> None:
 
 def copy_quietly(src: Location, dst: Location) -> None:
     """copy_file, but a failure is a warning: a storage hiccup must not fail training or hide its outcome."""
-    import sys
-
     try:
         copy_file(src, dst)
     except Exception as e:

@@ -13,9 +13,12 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+import ray
+
+from trainer.checkpoint import CheckpointError, latest_checkpoint, read_meta
 from trainer.config import Config, load_config
-from trainer.launch import run
-from trainer.report import RESULTS_MARKER, print_table
+from trainer.driver.launch import run, run_dir
+from trainer.driver.report import RESULTS_MARKER, print_table
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -23,8 +26,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="YAML file in configs/ (default: built-in defaults)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (in output.storage, default output.dir/ray)")
-    p.add_argument("--print-results", action="store_true", help="also print results.json as one log line (for job logs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint (in output.storage, default output.dir/ray)")
+    p.add_argument("--print-results", action="store_true",
+                   help="also print results.json as one log line (for job logs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.kernel_size=64")
     return p.parse_args(argv)
 
@@ -111,8 +116,6 @@ def shut_down(signals: StopSignals, cfg: Config) -> int:
     name = signal.Signals(signals.received).name
     print(f"\n{name} received: stopping the workers and Ray ...", file=sys.stderr, flush=True)
     try:
-        import ray
-
         # A local instance (this driver started it) goes down with its workers; on a cluster this ends the
         # driver's job, and with it the train controller and its worker group (the driver's actors).
         ray.shutdown()
@@ -127,8 +130,6 @@ def shut_down(signals: StopSignals, cfg: Config) -> int:
 
 
 def resume_hint(cfg: Config) -> str:
-    from trainer.checkpoint import CheckpointError, latest_checkpoint, read_meta
-    from trainer.launch import run_dir
 
     ckpt = latest_checkpoint(run_dir(cfg))
     if ckpt is None:

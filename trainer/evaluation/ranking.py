@@ -26,18 +26,15 @@ computation uses table lookups (also collectives), so drive the batches with `lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
 
-from trainer.metrics import MetricSums
-
-if TYPE_CHECKING:
-    from trainer.embeddings import ShardedItemTable
+from trainer.distributed.collectives import all_gather_rows, all_reduce, comm_device, gather_cols
+from trainer.evaluation.metrics import MetricSums
 
 NEG_INF = float("-inf")
-T = TypeVar("T")
 
 
 @dataclass
@@ -77,11 +74,6 @@ class EmbeddingScorer:
         self.start, self.stop = start, start + weight.shape[0]
         self.weight = weight.float()  # (n, D)
 
-    @classmethod
-    def from_table(cls, table: "ShardedItemTable") -> "EmbeddingScorer":
-        start, weight = table.row_block()  # collective
-        return cls(start, weight)
-
     def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return queries.float() @ self.weight[lo - self.start : hi - self.start].T
 
@@ -101,18 +93,6 @@ class PopularityScorer:
 
     def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.counts[ids]
-
-
-def comm_device() -> torch.device:
-    """Where collective tensors live: CUDA under nccl, CPU under gloo (or without a group)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def even_split(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    per = (num_rows + world_size - 1) // world_size
-    return min(rank * per, num_rows), min((rank + 1) * per, num_rows)
 
 
 # ---------------------------------------------------------------- top-k under the total order
@@ -144,50 +124,6 @@ def chunk_topk(scores: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, tor
     return order_topk(scores.gather(1, cols), ids.gather(1, cols), k)
 
 
-# ---------------------------------------------------------------- collectives
-
-
-def _all_gather_rows(x: torch.Tensor, sizes: list[int], fill: float | int = 0) -> torch.Tensor:
-    """Concatenate every rank's (B_r, ...) tensor along dim 0; B_r may differ (`sizes`)."""
-    world = len(sizes)
-    if world == 1:
-        return x
-    pad = x.new_full((max(sizes), *x.shape[1:]), fill)
-    pad[: x.shape[0]] = x
-    parts = [torch.empty_like(pad) for _ in range(world)]
-    dist.all_gather(parts, pad)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.device) -> torch.Tensor:
-    out = torch.zeros(rows, width, dtype=torch.long, device=device)
-    if x is not None and x.numel():
-        out[:, : x.shape[1]] = x
-    return out
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def lockstep(batches: Iterable[T]) -> Iterator[Optional[T]]:
-    """Yield this rank's items while ANY rank has one; None once this rank has run out.
-
-    Ranks rarely hold equal numbers of eval batches; lookups and ranking are collectives, so
-    an exhausted rank keeps taking part with empty batches until every rank is done.
-    """
-    it = iter(batches)
-    while True:
-        item = next(it, None)
-        more = torch.tensor([int(item is not None)], device=comm_device())
-        _all_reduce(more)
-        if int(more) == 0:
-            return
-        yield item
-
-
 # ---------------------------------------------------------------- ranking
 
 
@@ -210,13 +146,13 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     seen_w = batch.seen.shape[1] if exclude_seen and batch.seen is not None else 0
     info = torch.zeros(4, world, dtype=torch.long, device=dev)  # per rank: batch size, seen width, item range
     info[:, me] = torch.tensor([b, seen_w, scorer.start, scorer.stop])
-    sizes, widths, starts, stops = _all_reduce(info).tolist()
+    sizes, widths, starts, stops = all_reduce(info).tolist()
     _check_tiling(starts, stops)
     width, offset = max(widths), sum(sizes[:me])
 
-    queries = _all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
-    targets = _all_gather_rows(batch.targets.long().to(dev), sizes)  # (Q,)
-    seen = _all_gather_rows(_pad_cols(batch.seen if exclude_seen else None, b, width, dev), sizes)  # (Q, S)
+    queries = all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
+    targets = all_gather_rows(batch.targets.long().to(dev), sizes)  # (Q,)
+    seen = all_gather_rows(_pad_cols(batch.seen if exclude_seen else None, b, width, dev), sizes)  # (Q, S)
     total = queries.shape[0]
 
     # 2. the target's score, from its owner
@@ -224,7 +160,7 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     target_score = torch.zeros(total, dtype=torch.float64, device=dev)
     if owned.any():
         target_score[owned] = scorer.pair_scores(queries[owned], targets[owned]).double()
-    _all_reduce(target_score)
+    all_reduce(target_score)
 
     # 3. this rank's items, in chunks of at most max_chunk_elems scores
     ahead = torch.zeros(total, dtype=torch.long, device=dev)
@@ -252,16 +188,23 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
             top_s, top_i = order_topk(torch.cat([top_s, cs.double()], 1), torch.cat([top_i, ci], 1), k)
 
     # 4. combine across ranks
-    _all_reduce(ahead)
+    all_reduce(ahead)
     local_s = torch.full((total, k), NEG_INF, dtype=torch.float64, device=dev)
     local_i = torch.full((total, k), -1, dtype=torch.long, device=dev)
     if top_s is not None:
         local_s[:, : top_s.shape[1]], local_i[:, : top_i.shape[1]] = top_s, top_i  # type: ignore[index]
-    all_s, all_i = _gather_cols(local_s, world), _gather_cols(local_i, world)  # (Q, W*k)
+    all_s, all_i = gather_cols(local_s, world), gather_cols(local_i, world)  # (Q, W*k)
     top_s, top_i = order_topk(all_s, all_i, k)
     top_i = top_i.masked_fill(top_s == NEG_INF, -1)
     mine = slice(offset, offset + b)
     return RankResult(ranks=1 + ahead[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
+
+
+def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(rows, width, dtype=torch.long, device=device)
+    if x is not None and x.numel():
+        out[:, : x.shape[1]] = x
+    return out
 
 
 def _check_tiling(starts: list[int], stops: list[int]) -> None:
@@ -279,14 +222,6 @@ def _mask_seen(s: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor, lo: i
     inside = (seen >= lo) & (seen < hi) & (seen != 0) & (seen != targets[:, None])  # (Q, S)
     rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(seen)
     s[rows[inside], seen[inside] - lo] = NEG_INF
-
-
-def _gather_cols(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=1)
 
 
 def evaluate(scorer: Scorer, batches: Iterable[Optional[EvalBatch]], ks: Sequence[int], dim: int,

@@ -1,22 +1,17 @@
-"""One Ray Train worker. `Trainer.__init__` builds the stack in one fixed order:
+"""The training loop of one Ray Train worker. `Trainer.__init__` builds the worker in one fixed order:
 
-1. process group (created by Ray Train) -> DistContext: world size, ranks, device
-2. the model, single-device: SequenceEncoder (dense tower) from model/
-3. the item table: a TorchRec EmbeddingCollection sharded by DistributedModelParallel, with the
-   sparse optimizer fused into its backward
-4. DeepSpeed over the dense tower only (never over the TorchRec module: stack.md)
-5. this worker's share of the training sequences (a fixed row range of the Parquet files)
-6. the checkpointer, restoring when Ray Train hands back a checkpoint
+1. the process group (created by Ray Train) -> DistContext: world size, ranks, device
+2. the model stack (trainer/worker/stack.py): dense tower, sharded item table, DeepSpeed engine, loss
+3. this worker's share of the training sequences (a fixed row range of the Parquet files)
+4. the checkpointer, restoring when Ray Train hands back a checkpoint, and the fault injector
 
-then `train()` and `evaluate()`.
+then `train()` (with validation and model selection when there is a validation split) and `evaluate()`.
 """
 
-import os
 import resource
-import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,17 +21,17 @@ import torch
 import torch.distributed as dist
 
 from data.loader import make_loader
+from data.prepare import PreparedData
 from data.sequences import sequence_files
 from data.shards import RowShard
-from model.convformer import SequenceEncoder, last_hidden
-from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
-from trainer.checkpoint import Checkpointer
 from trainer.config import Config, from_dict
-from trainer.embeddings import ShardedItemTable
-from trainer.evaluate import EmbeddingScorer, EvalBatch, evaluate, lockstep
-from trainer.parallel import DistContext, engine_dtype, wrap_dense
-from trainer.prepare import PreparedData
-from trainer.queries import query_tensors
+from trainer.distributed.collectives import lockstep
+from trainer.distributed.context import DistContext
+from trainer.evaluation.queries import query_tensors
+from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
+from trainer.worker.checkpointer import Checkpointer
+from trainer.worker.faults import FaultInjector
+from trainer.worker.stack import Stack
 
 
 class NonFiniteLoss(RuntimeError):
@@ -45,36 +40,8 @@ class NonFiniteLoss(RuntimeError):
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_dict(Config, loop_config["config"])
-    data = PreparedData.from_dict(loop_config["data"])
+    data = PreparedData(**loop_config["data"])
     return Trainer(cfg, data).run()
-
-
-def train_step(cfg: Config, table: ShardedItemTable, engine, sampler: NegativeSampler, gen: torch.Generator,
-               batch: dict[str, torch.Tensor], device: torch.device, poison: bool = False) -> tuple[torch.Tensor, int]:
-    """Lookup, dense forward, loss, backward (with the fused sparse update), dense step.
-
-    When any rank's loss is not finite, no rank runs the backward or the step (they are collectives,
-    and the update would poison both towers); the caller decides to stop or to skip. `poison` makes
-    this rank's loss NaN (fault injection for tests).
-    """
-    ids = batch["input_ids"].to(device)  # (B, L)
-    targets = batch["targets"].to(device)  # (B, L)
-    loss_ids = sample_loss_ids(cfg.training.loss, targets, sampler, cfg.training.positions, gen)
-    # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
-    emb = table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
-    item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(engine_dtype(engine))  # (B, L, D)
-    hidden = engine(item_emb, ids != 0).float()  # (B, L, D)
-    loss = loss_from_embeddings(cfg.training.loss, hidden, loss_ids, emb[ids.numel():], sampler)
-    if poison:
-        loss = loss * float("nan")
-    bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
-        return loss.detach().new_tensor(float("nan")), 0
-    engine.backward(loss)  # also runs the table's fused sparse update
-    engine.step()
-    return loss.detach(), loss_ids.pos_ids.numel()
 
 
 class Trainer:
@@ -88,54 +55,36 @@ class Trainer:
         torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
         self.ctx = DistContext.from_process_group()
 
-        # 2. Model, single-device; the same seed on every rank gives the same dense init.
-        torch.manual_seed(cfg.training.seed)
-        encoder = SequenceEncoder(cfg.model)
+        # 2. The model stack; negatives are drawn per rank, from the training-window popularity when asked.
+        self.stack = Stack(cfg, self.ctx, data.load_item_counts(cfg.model.num_items))
+        self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
 
-        # 3. Item table, sharded across workers (rows initialised from their global index, not the rank).
-        self.table = ShardedItemTable(cfg, self.ctx)
-
-        # 4. DeepSpeed over the dense tower.
-        self.engine = wrap_dense(encoder, cfg, self.ctx)
-
-        # 5. Data: this worker's share of the rows; negatives drawn per rank from the training-window popularity.
+        # 3. Data: this worker's share of the rows.
         self.loader = make_loader(
             data.train_sequences, seq_len=cfg.model.max_seq_len, batch_size=cfg.training.batch_size,
             seed=cfg.training.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
-        self.dtype = engine_dtype(self.engine)
-        counts = torch.tensor(data.item_counts())  # a copy: Ray hands back a read-only array
-        self.sampler = NegativeSampler(cfg.model.num_items, cfg.training.loss.sampler, counts)
-        self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
 
-        # 6. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
+        # 4. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
         self.checkpointer = Checkpointer(cfg, self.ctx)
         self.step = 0  # the loader keeps the epoch and the position within it
         self.saved_step = -1
         self.skipped_steps = 0
-        self.restored = False
+        self.restarted = False
         # model selection on the validation split: best score, its epoch, validations since, its weights
         self.best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "bad": 0, "metrics": None, "weights": None}
         if (ckpt := ray.train.get_checkpoint()) is not None:
-            self.restored = True
-            state = self.checkpointer.load(ckpt, self.table, self.engine, self.loader)
+            self.restarted = True
+            state = self.checkpointer.load(ckpt, self.stack, self.loader)
             self.step = state["step"]
             self.gen.set_state(state["generator"])
             self.best = state.get("best", self.best)
             torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
+        self.faults = FaultInjector(cfg.debug, self.ctx.rank, restarted=self.restarted)
         self.phases["build"] = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ training
-
-    def train_step(self, batch: Optional[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, int]:
-        """One optimizer step; `batch` None means this rank has run out of data but must still
-        join the collectives. Returns the loss and the number of target events."""
-        if batch is None:  # all padding: no targets, but the same collectives as a real batch
-            batch = {"input_ids": torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long)}
-            batch["targets"] = batch["input_ids"]
-        poison = self.cfg.training.fault_nan_at_step == self.step + 1
-        return train_step(self.cfg, self.table, self.engine, self.sampler, self.gen, batch, self.ctx.device, poison)
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg.training
@@ -143,10 +92,10 @@ class Trainer:
         events = sequences = 0
         window_loss, window_t, window_events = 0.0, time.perf_counter(), 0
         while self.loader.epoch < cfg.epochs and not self._done() and not self._patience_spent():
-            self.engine.train()
+            self.stack.train()
             for batch in lockstep(self.loader):  # ranks hold unequal data; all join every step
-                self._maybe_die()
-                loss, n_events = self.train_step(batch)
+                self.faults.before_step(self.step + 1, self.stack.engine.module)
+                loss, n_events = self.stack.train_step(batch, self.gen)
                 if torch.isfinite(loss):
                     window_loss += loss.item() * n_events  # dummy steps of a rank out of data weigh 0
                 elif cfg.on_nonfinite_loss == "stop":
@@ -180,20 +129,7 @@ class Trainer:
         dist.all_reduce(totals)
         return {"events_per_s": totals[0].item() / seconds, "sequences_per_s": totals[1].item() / seconds,
                 "steps": self.step, "epochs_completed": self.loader.epoch, "skipped_steps": self.skipped_steps,
-                "restored_from_checkpoint": self.restored, "stopped_early": self._patience_spent()}
-
-    def _maybe_die(self) -> None:
-        """Fault injection for tests: SIGKILL this process once, at the configured step of a run that
-        has not been restarted yet (Ray Train then restores the group from the latest checkpoint)."""
-        f = self.cfg.training
-        if (f.fault_kill_at_step == self.step + 1 and self.ctx.rank == f.fault_kill_rank and not self.restored
-                and not f.fault_kill_in_save):
-            # Ray's controller polls reports every 2 s; a worker dying sooner after reporting a checkpoint
-            # can lose its registration (Ray then restores the one before). Wait so the test is exact.
-            time.sleep(5)
-            print(f"fault injection: killing rank {self.ctx.rank} (pid {os.getpid()}) before step {self.step + 1}",
-                  flush=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+                "restored_from_checkpoint": self.restarted, "stopped_early": self._patience_spent()}
 
     def _done(self) -> bool:
         return bool(self.cfg.training.max_steps) and self.step >= self.cfg.training.max_steps
@@ -212,13 +148,9 @@ class Trainer:
     def save(self) -> None:
         progress = {"step": self.step, "epoch": self.loader.epoch}
         state = {**progress, "generator": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "best": self.best}
-        f = self.cfg.training
-        die = (f.fault_kill_in_save and f.fault_kill_at_step == self.step and self.ctx.rank == f.fault_kill_rank
-               and not self.restored)
-        self.checkpointer.save(state, self.table, self.engine, self.loader, metrics=progress, die=die)
+        self.checkpointer.save(state, self.stack, self.loader, metrics=progress,
+                               upload_fn=self.faults.checkpoint_upload(self.step))
         self.saved_step = self.step
-
-    # ------------------------------------------------------------------ evaluation
 
     # ------------------------------------------------------------------ model selection
 
@@ -232,28 +164,18 @@ class Trainer:
         score = metrics[e.select]
         if score > self.best["score"]:
             self.best = {"score": score, "epoch": self.loader.epoch, "bad": 0, "metrics": metrics,
-                         "weights": self._snapshot()}
+                         "weights": self.stack.snapshot()}
         else:
             self.best["bad"] += 1
         if self.ctx.rank == 0:
             print(f"epoch {self.loader.epoch}  valid {e.select} {score:.4f}  best {self.best['score']:.4f} "
                   f"(epoch {self.best['epoch']})", flush=True)
-        ray.train.report({"step": self.step, "epoch": self.loader.epoch, **{f"valid/{k}": v for k, v in metrics.items()}})
+        valid = {f"valid/{k}": v for k, v in metrics.items()}
+        ray.train.report({"step": self.step, "epoch": self.loader.epoch, **valid})
         return True
 
     def _patience_spent(self) -> bool:
         return bool(self.cfg.eval.patience) and self.best["bad"] >= self.cfg.eval.patience
-
-    def _snapshot(self) -> dict[str, Any]:
-        """This rank's weights (its table shards and the dense tower), copied to host memory."""
-        return {"table": [w.detach().cpu().clone() for _, w in self.table.local_shards()],
-                "dense": {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}}
-
-    @torch.no_grad()
-    def _restore(self, weights: dict[str, Any]) -> None:
-        for (_, w), saved in zip(self.table.local_shards(), weights["table"]):
-            w.copy_(saved)
-        self.engine.module.load_state_dict(weights["dense"])
 
     # ------------------------------------------------------------------ evaluation
 
@@ -261,8 +183,8 @@ class Trainer:
     def evaluate(self, queries: str, export: bool = False) -> dict[str, float]:
         """Full-catalogue ranking of a directory of queries; every rank scores its own rows."""
         t0 = time.perf_counter()
-        self.engine.eval()
-        scorer = EmbeddingScorer.from_table(self.table)  # collective
+        self.stack.eval()
+        scorer = EmbeddingScorer(*self.stack.table.row_block())  # collective
         shard = RowShard(sequence_files(queries), self.ctx.rank, self.ctx.world_size)
         rows = shard.iter_tables(batch_rows=self.cfg.eval.batch_size)
 
@@ -271,11 +193,11 @@ class Trainer:
         def batches():
             for part in lockstep(rows):
                 if part is None:  # this rank is done: still join the lookup collective
-                    self._encode(torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long))
+                    self.stack.encode(None)
                     yield None
                     continue
                 q = query_tensors(part, self.cfg.model.max_seq_len)
-                user_vecs = self._encode(q["history"])  # (B, D)
+                user_vecs = self.stack.encode(q["history"])  # (B, D)
                 if export:
                     users.append((part.column("user_id").to_numpy(), user_vecs.cpu().numpy()))
                 yield EvalBatch(user_vecs, q["targets"].to(self.ctx.device),
@@ -307,12 +229,6 @@ class Trainer:
                               "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
             pq.write_table(table, root / name / f"rank{self.ctx.rank}.parquet")
 
-    def _encode(self, ids: torch.Tensor) -> torch.Tensor:
-        """User representations for histories (B, L) -> (B, D), through the sharded table."""
-        ids = ids.to(self.ctx.device)
-        hidden = self.engine(self.table.lookup(ids).to(self.dtype), ids != 0).float()  # (B, L, D)
-        return last_hidden(hidden, ids != 0)
-
     # ------------------------------------------------------------------ the whole job
 
     def run(self) -> dict[str, Any]:
@@ -321,7 +237,7 @@ class Trainer:
         if self.data.valid_queries is not None:
             if self.best["weights"] is None:  # no validation was due: validate the final weights
                 self.validate(force=True)
-            self._restore(self.best["weights"])
+            self.stack.restore(self.best["weights"])
             selection = {"select": self.cfg.eval.select, "best_epoch": self.best["epoch"],
                          "metrics": self.best["metrics"], "stopped_early": self._patience_spent()}
         metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings)

@@ -3,7 +3,7 @@
 One table ("item", feature "item"), rows 0..num_items, row 0 = padding (zero, never looked up).
 Built on the meta device, planned by `EmbeddingShardingPlanner`, sharded by
 `DistributedModelParallel` over the embedding module ONLY (the dense tower goes to DeepSpeed,
-trainer/parallel.py). The sparse optimizer is fused into the backward (FBGEMM TBE): gradients
+trainer/distributed/dense.py). The sparse optimizer is fused into the backward (FBGEMM TBE): gradients
 reaching the lookup's output update the owning rank's rows during `loss.backward()`; there is
 no separate sparse `step()`.
 
@@ -38,8 +38,8 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ParameterSharding, ShardingPlan, ShardingType
 
 from trainer.config import Config
-from trainer.evaluate import even_split
-from trainer.parallel import DistContext
+from trainer.distributed.collectives import even_split
+from trainer.distributed.context import DistContext
 
 TABLE = "item"  # table name == feature name
 WEIGHT_KEY = f"embeddings.{TABLE}.weight"  # the table's key in the DMP state dict
@@ -212,7 +212,6 @@ class ShardedItemTable:
         self.plan = plan_table(module, sharder, ctx, cfg)
         self.sharding: ParameterSharding = self.plan.get_plan_for_module("")[TABLE]  # type: ignore[index]
         self.dmp = DistributedModelParallel(module, device=ctx.device, plan=self.plan, sharders=[sharder])
-        self.num_lookups = 0  # see check_lockstep
         self.init_weights(cfg.training.seed, m.init_std)
 
     @property
@@ -298,7 +297,6 @@ class ShardedItemTable:
         Id 0 (padding) is not sent to TorchRec and comes back as exact zeros, so row 0 is never
         read or trained.
         """
-        self.num_lookups += 1
         flat = ids.reshape(-1).to(self.ctx.device)
         keep = flat != 0  # (n,)
         lengths = keep.to(torch.int32)  # one "sample" per position, 0 or 1 ids
@@ -309,19 +307,6 @@ class ShardedItemTable:
         out = emb.new_zeros(flat.numel(), self.dim).index_copy(0, keep.nonzero().squeeze(1), emb)
         return out.view(*ids.shape, self.dim)
 
-    __call__ = lookup
-
-    def check_lockstep(self) -> None:
-        """Raise if the ranks have made different numbers of lookups (collective).
-
-        A rank that skips a lookup usually hangs, but gloo matches collectives only by order, so
-        a skipped lookup can also pair mismatched collectives without an error. Call this now
-        and then (e.g. at checkpoints) to catch that.
-        """
-        counts: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(counts, self.num_lookups)
-        if len(set(counts)) != 1:
-            raise RuntimeError(f"ranks made different numbers of table lookups: {counts}")
 
     # ------------------------------------------------------------ state
 
@@ -336,8 +321,7 @@ class ShardedItemTable:
     def load(self, path: str) -> None:
         """Collective: read `path` into the live shards and the fused optimizer state.
 
-        Tested with the same plan and world size as at save time; DCP can reshard ShardedTensors
-        in principle, but loading into a different plan is untested here.
+        Tested with the same plan and world size as at save time.
         """
         state = self.state_dict()
         dcp.load(state, checkpoint_id=path)

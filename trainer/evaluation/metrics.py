@@ -84,11 +84,6 @@ class MetricSums:
             values, valid = recall(topk, relevant, k)
             self._add(f"recall@{k}", values[valid])
 
-    def merge(self, other: "MetricSums") -> None:
-        for name, value in other.sums.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
-            self.counts[name] = self.counts.get(name, 0) + other.counts[name]
-
     def means(self) -> dict[str, float]:
         """name -> mean over the queries it counted (NaN when none did)."""
         return {name: (self.sums[name] / n if n else math.nan) for name, n in self.counts.items()}

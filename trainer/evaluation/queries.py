@@ -1,12 +1,10 @@
-"""Evaluation query rows (data/split.py's QUERY_SCHEMA) -> padded tensors, and the popularity baseline."""
+"""Evaluation query rows (data/split.py's QUERY_SCHEMA) -> padded tensors."""
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
-
-from trainer.evaluate import EvalBatch, PopularityScorer, evaluate
 
 
 def pad_lists(column: pa.ChunkedArray | pa.Array, width: Optional[int] = None, left: bool = False) -> torch.Tensor:
@@ -37,16 +35,3 @@ def query_tensors(rows: pa.Table, seq_len: int) -> dict[str, torch.Tensor]:
         "seen": pad_lists(rows.column("seen_items")),  # (B, S)
         "relevant": pad_lists(rows.column("day_items")),  # (B, R)
     }
-
-
-def popularity_metrics(counts: np.ndarray, query_batches: Iterable[pa.Table], ks: Sequence[int],
-                       exclude_seen: bool, seq_len: int) -> dict[str, float]:
-    """The most-popular-items ranking, through the same ranking and metric code as the model."""
-    scorer = PopularityScorer(torch.from_numpy(counts), 0, len(counts))
-
-    def batches() -> Iterator[EvalBatch]:
-        for rows in query_batches:
-            q = query_tensors(rows, seq_len)
-            yield EvalBatch(torch.zeros(len(q["targets"]), 1), q["targets"], q["seen"], q["relevant"])
-
-    return evaluate(scorer, batches(), ks, dim=1, exclude_seen=exclude_seen)

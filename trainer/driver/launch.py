@@ -1,10 +1,10 @@
-"""The driver: connect to Ray, prepare the data, run the TorchTrainer, add baselines, write results.json.
+"""The driver: connect to Ray, size the item table, prepare the data, run the TorchTrainer, add baselines,
+write results.json.
 
 Prepared data, results.json and metrics.jsonl go to output.dir; Ray Train's storage (checkpoints) to
 output.storage (a local path or a pyarrow URI, default OUT/ray), which also gets copies of results.json and
 metrics.jsonl when set."""
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,46 +13,44 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data.ray_utils import loopback_only
+from data.prepare import prepare
+from data.ray_utils import ensure_ray
+from data.stats import num_items
 from trainer import storage
-from trainer.callbacks import build_callbacks
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
+from trainer.driver.callbacks import build_callbacks
+from trainer.driver.report import write_results
+from trainer.evaluation.baselines import baselines
 from trainer.logs import quiet
-from trainer.prepare import prepare_data
-from trainer.report import write_results
 from trainer.storage import Location
-from trainer.worker import train_worker
+from trainer.worker.loop import train_worker
 
 RUN_NAME = "train"
 
 
 def connect_ray(cfg: Config) -> None:
-    """Join RAY_ADDRESS if set (a cluster, or a job's own cluster), else start a small local instance."""
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    """Join RAY_ADDRESS if set (a cluster, or a job's own cluster), else start a new local instance.
+
+    Workers take fractional CPUs so Ray Data's read tasks still get some (a full reservation on 2 cores
+    backpressures forever: docs/dependencies.md); check_resources refuses over-subscription."""
     quiet()
-    # Workers import this package: from the repo on this machine, or a job's uploaded working_dir.
-    repo = str(Path(__file__).resolve().parent.parent)
-    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    setup = {"worker_process_setup_hook": "trainer.logs.quiet", "env_vars": {"PYTHONPATH": pythonpath}}
-    if ray.is_initialized():
-        pass
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(logging_level="ERROR", runtime_env=setup)
-    else:
-        loopback_only()
-        cpus = os.cpu_count() or 1
-        # Workers take fractional CPUs so Ray Data's read tasks still get some (stack.md: a full
-        # reservation on 2 cores backpressures forever); check_resources refuses over-subscription.
-        ray.init(
-            address="local",  # always a new instance: never join a cluster that some `ray start` left on this machine
-            num_cpus=cpus,
-            object_store_memory=512 * 1024**2,
-            include_dashboard=False,
-            logging_level="ERROR",
-            runtime_env=setup,
-        )
+    ensure_ray(runtime_env={"worker_process_setup_hook": "trainer.logs.quiet"})
     check_resources(cfg)
+
+
+def size_item_table(cfg: Config) -> None:
+    """model.num_items from the data when it is 0 (the synthetic config's items, or the log's largest id);
+    when given, it must hold every item of the log."""
+    largest = cfg.data.synth.items if not cfg.data.path else num_items(cfg.data.path)
+    if cfg.model.num_items == 0:
+        cfg.model.num_items = largest
+    elif largest > cfg.model.num_items:
+        where = cfg.data.path or "the synthetic log"
+        raise ValueError(
+            f"model.num_items={cfg.model.num_items} is smaller than the largest item id {largest} "
+            f"in {where}: the item table must hold every item"
+        )
 
 
 def check_resources(cfg: Config) -> None:
@@ -102,6 +100,7 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         else (str(out), "output.dir to a new directory")
     if not resume and storage.exists(run_path):
         raise ValueError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
+    size_item_table(cfg)
     if resume:
         # refuse a corrupt or incompatible checkpoint before any worker starts
         if check_resumable(run_path, cfg) is None:
@@ -117,8 +116,12 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     phases["ray_start"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    data = prepare_data(cfg, out)
+    # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
+    data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, cfg.model.num_items)
     phases["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = baselines(cfg, data)
+    phases["baselines"] = time.perf_counter() - t0
 
     gpu = use_gpu(cfg)
     backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpu else "gloo")
@@ -128,7 +131,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "data": data.to_dict()},
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu,
+                                     resources_per_worker=resources,
                                      placement_strategy=cfg.distributed.placement.upper()),
         run_config=RunConfig(
             name=RUN_NAME,
@@ -151,10 +155,10 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     results = {
         "config": cfg.to_dict(),
-        "data": data.summary(),
+        "data": data.to_dict(),
         **worker_results,
-        "baselines": data.baselines,
-        "phases_s": {**phases, **data.phases_s, **worker_results.get("phases_s", {})},
+        "baselines": reference,
+        "phases_s": {**phases, **worker_results.get("phases_s", {})},
         # a path for local storage, a URI for URI storage
         "checkpoint": str(storage.name_of(run_path, result.checkpoint.path)) if result.checkpoint else None,
     }

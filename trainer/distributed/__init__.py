@@ -1,0 +1,1 @@
+"""Distributed building blocks used inside workers: the rank context, collectives, the sharded table, DeepSpeed."""

@@ -1,0 +1,1 @@
+"""Full-catalogue evaluation: distributed ranking and metrics (workers), queries, baselines (driver)."""

@@ -1,0 +1,61 @@
+"""Saving and restoring a worker's state through Ray Train (the format: trainer/checkpoint.py).
+
+Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
+directories into one checkpoint in storage and registers it only once every rank has reported, so a
+crash while saving leaves the previous checkpoint the latest. Loading verifies every rank's manifest first.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import ray.train
+import torch
+
+from data.loader import WindowLoader
+from trainer.checkpoint import check_compatible, fingerprint, verify, write_manifest
+from trainer.config import Config
+from trainer.distributed.context import DistContext
+from trainer.worker.faults import UploadFn
+from trainer.worker.stack import Stack
+
+
+class Checkpointer:
+    def __init__(self, cfg: Config, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def save(self, state: dict[str, Any], stack: Stack, loader: WindowLoader, metrics: dict[str, Any],
+             upload_fn: Optional[UploadFn] = None) -> None:
+        """Write this rank's part and report it (collective). `upload_fn`: Ray's upload when None."""
+        table, engine = stack.table, stack.engine
+        with tempfile.TemporaryDirectory(prefix=f"ckpt-rank{self.ctx.rank}-") as tmp:
+            root = Path(tmp)
+            table.save(root / "table")  # collective: DCP, each rank its own shard files
+            engine.save_checkpoint(str(root / "dense"), tag="dense")  # collective
+            (root / "loader").mkdir()
+            (root / "loader" / f"rank{self.ctx.rank}.json").write_text(json.dumps(loader.state_dict()))
+            (root / "trainer").mkdir()
+            torch.save(state, root / "trainer" / f"rank{self.ctx.rank}.pt")
+            if self.ctx.rank == 0:
+                meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
+                        "step": state["step"], "epoch": state["epoch"]}
+                (root / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_manifest(root, self.ctx.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_upload_fn=upload_fn)
+
+    def load(self, checkpoint: ray.train.Checkpoint, stack: Stack, loader: WindowLoader) -> dict[str, Any]:
+        """Verify, then restore the table, the dense state and the loader; returns the trainer state."""
+        table, engine = stack.table, stack.engine
+        with checkpoint.as_directory() as tmp:
+            root = Path(tmp)
+            verify(root, self.ctx.world_size)
+            check_compatible(root, self.cfg)
+            table.load(root / "table")
+            engine.load_checkpoint(str(root / "dense"), tag="dense")
+            loader.load_state_dict(json.loads((root / "loader" / f"rank{self.ctx.rank}.json").read_text()))
+            state = torch.load(root / "trainer" / f"rank{self.ctx.rank}.pt", weights_only=False)
+        if self.ctx.rank == 0:
+            print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']})", flush=True)
+        return state

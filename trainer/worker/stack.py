@@ -1,0 +1,122 @@
+"""The model as every worker runs it, composed in one place and in one fixed order:
+
+1. the dense tower, single-device (model.SequenceEncoder); the same seed on every rank gives the same init
+2. the item table: a TorchRec EmbeddingCollection sharded by DistributedModelParallel, the sparse optimizer
+   fused into its backward (trainer/distributed/embeddings.py)
+3. DeepSpeed over the dense tower only, never over the TorchRec module (trainer/distributed/dense.py)
+
+`Stack` owns the table lookup, the dtype policy (TorchRec embeddings are fp32; the tower computes in the
+engine's dtype; losses and scores in fp32), the engine and the loss. `train_step` is the training step and
+`encode` the user representation; the worker loop, the overhead benchmark and the distributed tests call
+these and nothing else.
+
+A step, in this order:
+    ids  = inputs, positives and negatives of the batch             (drawn before any lookup)
+    emb  = table.lookup(ids)               # one all-to-all each way, fp32
+    hidden = engine(emb[inputs] -> engine dtype, valid).float()    # dense tower under DeepSpeed
+    loss = next-item loss from hidden and emb[positives, negatives]  (fp32)
+    engine.backward(loss)    # backprops into the TorchRec outputs: the fused optimizer updates the rows here
+    engine.step()            # dense AdamW step (+ ZeRO reduction, clipping)
+
+Every lookup is a collective. A rank without data passes `None` to `train_step` or `encode` and still takes
+part with an all-padding batch, so ranks holding unequal data never deadlock.
+"""
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.convformer import SequenceEncoder, last_hidden
+from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
+from trainer.config import Config
+from trainer.distributed.context import DistContext
+from trainer.distributed.dense import engine_dtype, wrap_dense
+from trainer.distributed.embeddings import ShardedItemTable
+
+Batch = dict[str, torch.Tensor]  # input_ids (B, L), targets (B, L); 0 = padding / no target
+
+
+class Stack:
+    def __init__(self, cfg: Config, ctx: DistContext, item_counts: Optional[np.ndarray] = None) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        m = cfg.model
+        # 1. Dense tower.
+        torch.manual_seed(cfg.training.seed)
+        encoder = SequenceEncoder(m)
+        # 2. Item table, rows initialised from their global index (any world size starts equal).
+        self.table = ShardedItemTable(cfg, ctx)
+        # 3. DeepSpeed over the dense tower.
+        self.engine = wrap_dense(encoder, cfg, ctx)
+        self.dtype = engine_dtype(self.engine)
+        counts = None if item_counts is None else torch.from_numpy(np.array(item_counts, np.int64))
+        self.sampler = NegativeSampler(m.num_items, cfg.training.loss.sampler, counts)
+
+    # ------------------------------------------------------------ training
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """Lookup, dense forward and the loss of one batch; returns (loss, number of target events)."""
+        t = self.cfg.training
+        ids = batch["input_ids"].to(self.ctx.device)  # (B, L)
+        targets = batch["targets"].to(self.ctx.device)  # (B, L)
+        loss_ids = sample_loss_ids(t.loss, targets, self.sampler, t.positions, generator)
+        # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
+        emb = self.table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
+        item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(self.dtype)  # (B, L, D)
+        hidden = self.engine(item_emb, ids != 0).float()  # (B, L, D)
+        loss = loss_from_embeddings(t.loss, hidden, loss_ids, emb[ids.numel():], self.sampler)
+        return loss, loss_ids.pos_ids.numel()
+
+    def train_step(self, batch: Optional[Batch], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """One optimizer step of both towers; `batch` None: this rank is out of data but joins the collectives.
+
+        When any rank's loss is not finite, no rank runs the backward or the step (they are collectives, and
+        the update would poison both towers): the loss comes back NaN with 0 events, and the caller decides
+        to stop or to skip.
+        """
+        loss, n_events = self.loss(batch if batch is not None else self.empty_batch(), generator)
+        bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            return loss.detach().new_tensor(float("nan")), 0
+        self.engine.backward(loss)  # also runs the table's fused sparse update
+        self.engine.step()
+        return loss.detach(), n_events
+
+    def empty_batch(self) -> Batch:
+        """All padding: no targets, but the same collectives as a real batch."""
+        ids = torch.zeros(1, self.cfg.model.max_seq_len, dtype=torch.long)
+        return {"input_ids": ids, "targets": ids}
+
+    # ------------------------------------------------------------ inference
+
+    def encode(self, histories: Optional[torch.Tensor]) -> torch.Tensor:
+        """User representations: left-padded histories (B, L) -> (B, D) fp32, the output at the last real
+        position. Collective (a lookup); None joins it with an all-padding history and returns (0, D)."""
+        ids = histories if histories is not None else self.empty_batch()["input_ids"]
+        ids = ids.to(self.ctx.device)
+        valid = ids != 0
+        hidden = self.engine(self.table.lookup(ids).to(self.dtype), valid).float()  # (B, L, D)
+        users = last_hidden(hidden, valid)  # (B, D)
+        return users if histories is not None else users[:0]
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    # ------------------------------------------------------------ weights
+
+    def snapshot(self) -> dict[str, Any]:
+        """This rank's weights (its table shards and the dense tower), copied to host memory."""
+        return {"table": [w.detach().cpu().clone() for _, w in self.table.local_shards()],
+                "dense": {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}}
+
+    @torch.no_grad()
+    def restore(self, weights: dict[str, Any]) -> None:
+        for (_, w), saved in zip(self.table.local_shards(), weights["table"]):
+            w.copy_(saved)
+        self.engine.module.load_state_dict(weights["dense"])
