@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import ROOT
 
 STARTS = {
@@ -26,33 +24,33 @@ build_sequences(log, tmp + "/seq", backend="ray")
 """,
 }
 
-# In a fresh interpreter: the pytest session may already hold a Ray instance, which would be reused.
+# In a fresh interpreter (the pytest session may already hold a Ray instance, which would be reused): each
+# start in turn gets a new local instance, whose processes' listening sockets are read while it runs.
 PROBE = """
 import json, psutil, ray
-{start}
-procs = psutil.Process().children(recursive=True) + [psutil.Process()]
-listening = set()
-for p in procs:
-    try:
-        listening |= {c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
-    except psutil.NoSuchProcess:
-        pass
-print("PROBE " + json.dumps({"node": ray.nodes()[0]["NodeManagerAddress"], "listening": sorted(listening),
-                             "processes": len(procs)}))
-ray.shutdown()
-"""
+
+def report(who):
+    procs = psutil.Process().children(recursive=True) + [psutil.Process()]
+    listening = set()
+    for p in procs:
+        try:
+            listening |= {c.laddr.ip for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    print("PROBE " + json.dumps({"who": who, "node": ray.nodes()[0]["NodeManagerAddress"],
+                                 "listening": sorted(listening), "processes": len(procs)}), flush=True)
+    ray.shutdown()
+""" + "".join(f"{code}\nreport({who!r})\n" for who, code in STARTS.items())
 
 
-@pytest.mark.parametrize("who", sorted(STARTS))
-def test_local_ray_instance_listens_on_loopback_only(who):
+def test_local_ray_instances_listen_on_loopback_only():
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    probe = PROBE.replace("{start}", STARTS[who])
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=180)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("PROBE ")), None)
-    assert line, out.stdout + out.stderr
-    probe = json.loads(line[len("PROBE "):])
-    assert probe["node"] == "127.0.0.1"
-    assert probe["processes"] > 2 and probe["listening"], probe  # GCS, raylet... were found and do listen
-    assert set(probe["listening"]) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, probe
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=240)
+    probes = [json.loads(x[len("PROBE "):]) for x in out.stdout.splitlines() if x.startswith("PROBE ")]
+    assert [p["who"] for p in probes] == list(STARTS), out.stdout + out.stderr
+    for probe in probes:
+        assert probe["node"] == "127.0.0.1", probe
+        assert probe["processes"] > 2 and probe["listening"], probe  # GCS, raylet... were found and do listen
+        assert set(probe["listening"]) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, probe
