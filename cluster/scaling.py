@@ -51,7 +51,8 @@ TRANSIENT_SIGNS = ("The current node timed out during startup",)
 OOM_SIGNS = ("OutOfMemoryError", "out of memory", "MemoryError", "Cannot allocate memory", "std::bad_alloc")
 COLUMNS = [
     "sweep", "point", "status", "mixer", "seq_len", "items", "workers", "events_per_s", "sequences_per_s",
-    "peak_mem_mb_max", "peak_mem_mb_mean", "metric", "value", "oracle", "oracle_fraction", "popularity",
+    "peak_mem_mb_max", "peak_mem_mb_mean", "peak_device_mem_mb_max", "metric", "value", "oracle", "oracle_fraction",
+    "popularity",
     "train_s", "eval_s", "fit_s", "data_s", "ray_start_s", "build_s", "wall_s", "steps", "error", "overrides",
 ]
 AXIS_COLUMNS = ("mixer", "seq_len", "items", "workers")
@@ -195,6 +196,9 @@ def row(sweep: Sweep, values: dict[str, Any], pid: str, record: dict[str, Any], 
         r.update(events_per_s=round(tp["events_per_s"], 1), sequences_per_s=round(tp["sequences_per_s"], 2),
                  steps=tp.get("steps", ""), peak_mem_mb_max=round(max(mem) / 2**20, 1),
                  peak_mem_mb_mean=round(sum(mem) / len(mem) / 2**20, 1))
+        device_mem = res.get("peak_device_memory_bytes_per_worker")  # CUDA runs only
+        if device_mem:
+            r["peak_device_mem_mb_max"] = round(max(device_mem) / 2**20, 1)
         for key in ("train", "eval", "fit", "data", "ray_start", "build"):
             if key in phases:
                 r[f"{key}_s"] = round(phases[key], 2)
@@ -265,6 +269,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 PANELS = [("events_per_s", "training throughput (events/s)", True),
           ("peak_mem_mb_max", "peak memory per worker (MB)", True),
           ("value", "{metric} (held-out day)", False)]
+DEVICE_PANEL = ("peak_device_mem_mb_max", "peak device memory per worker (MB)", True)  # when a point ran on CUDA
 
 
 def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> list[Path]:
@@ -287,11 +292,12 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         groups: dict[str, list] = {}
         for r in mine:
             groups.setdefault(str(r[series_key]) if series_key else sweep.name, []).append(r)
-        fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
-        for ax, (col, label, logy) in zip(axes, PANELS):
+        panels = PANELS[:2] + [DEVICE_PANEL] + PANELS[2:] if any(r.get(DEVICE_PANEL[0]) for r in mine) else PANELS
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+        for ax, (col, label, logy) in zip(axes, panels):
             plotted = False
             for i, (name, rs) in enumerate(groups.items()):
-                ok = sorted((float(r[x]), float(r[col])) for r in rs if r["status"] == "ok" and r[col] != "")
+                ok = sorted((float(r[x]), float(r[col])) for r in rs if r["status"] == "ok" and r.get(col, "") != "")
                 color = f"C{i}"
                 ax.plot([p[0] for p in ok], [p[1] for p in ok], "o-", color=color, label=name)
                 plotted |= bool(ok)

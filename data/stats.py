@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.schema import ITEM, DayLike, LogError, PathLike, SkipReport, iter_file, list_files, to_date
+from data.schema import ITEM, DayLike, LogError, PathLike, SkipReport, iter_file, list_files, open_file, to_date
 from data.sequences import list_parts, sequence_files
 
 
@@ -78,7 +78,7 @@ def num_items(log_dir: PathLike) -> int:
             return int(value)
     top = 0
     for f in list_files(root):
-        md = pq.ParquetFile(f.path).metadata
+        md = open_file(f.path).metadata  # a LogError for a file that is no usable log file
         col = md.schema.to_arrow_schema().get_field_index(ITEM)
         for g in range(md.num_row_groups):
             st = md.row_group(g).column(col).statistics

@@ -7,7 +7,8 @@ All mixers map (B, L, D) -> (B, L, D). Inputs at padded positions must already b
   directly by `conv1d(groups=D)`. O(B D L K).
 - FFTConv (`fft`, ConvFormer-F): the same operator by the convolution theorem. O(B D L log L)
   whatever K, so K can equal L.
-- CausalSelfAttention (`attention`): the SASRec baseline through scaled_dot_product_attention.
+- CausalSelfAttention (`attention`): the SASRec baseline through scaled_dot_product_attention, on the
+  fused causal kernel for left-padded batches (no explicit mask).
 """
 
 from typing import Optional
@@ -143,20 +144,27 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        """x (B, L, D), LEFT padded: key_valid (B, L) is False on a prefix of each row and True after it.
+
+        Each row is rotated left by its padding, so its real events come first and its pads last; plain causal
+        attention (`is_causal`, no mask: the fused flash / memory-efficient kernels on GPU) then keeps every
+        real query on real keys only, since all pads come after all real events. The output is rotated back.
+        Real positions get the masked result up to rounding (the same keys, in the same order); padded ones get
+        values that the block zeroes. No host sync: the rotation is a gather by device-side indices. Padding
+        anywhere but on the left is not supported (it is not checked: that would be a host sync).
+        """
         b, length, dim = x.shape
+        pad = length - key_valid.sum(1, keepdim=True)  # (B, 1) padded positions per row
+        pos = torch.arange(length, device=x.device)[None, :]  # (1, L)
+        rotate = ((pos + pad) % length).unsqueeze(-1).expand(b, length, dim)  # rotated j <- original j + pad
+        unrotate = ((pos - pad) % length).unsqueeze(-1).expand(b, length, dim)
+        x = x.gather(1, rotate)
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, Dh)
         dropout_p = self.dropout if self.training else 0.0
-        if bool(key_valid.all()):  # no padding: the fused causal kernel, O(L) memory
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()  # (L, L)
-            # Padded keys are hidden; a padded query keeps its own key so no row is all -inf (NaN).
-            eye = torch.eye(length, dtype=torch.bool, device=x.device)
-            allowed = causal & (key_valid[:, None, None, :] | eye)  # (B, 1, L, L)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
-        # y: (B, H, L, Dh)
-        return self.out(y.transpose(1, 2).reshape(b, length, dim))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)  # (B, H, L, Dh)
+        y = self.out(y.transpose(1, 2).reshape(b, length, dim))
+        return y.gather(1, unrotate)
 
 
 def build_mixer(cfg: ModelConfig) -> nn.Module:

@@ -97,9 +97,11 @@ def test_submitted_job_trains_on_the_head_and_returns_results(head, submitted):
     assert 0 <= m["hr@1"] <= m["hr@10"] <= m["hr@50"] <= 1 and m["hr@50"] > 0.3
     assert Path(results["checkpoint"]).is_dir()
     # the job's driver joined this head (RAY_ADDRESS) rather than starting its own Ray: its training
-    # workers logged into the head's session
+    # workers logged into the head's session (until they moved their output to OUT/logs/worker-RANK.log)
     logs = Path(head.temp_dir) / "session_latest" / "logs"
-    assert any("epoch" in p.read_text(errors="replace") for p in logs.glob("worker-*.out"))
+    moved = [f"output continues in {out / 'logs' / f'worker-{rank}.log'}" for rank in (0, 1)]
+    assert all(any(m in p.read_text(errors="replace") for p in logs.glob("worker-*.out")) for m in moved)
+    assert "epoch" in (out / "logs" / "worker-0.log").read_text()
 
 
 def test_job_upload_excludes_venv_outputs_and_git(head, submitted):

@@ -137,3 +137,17 @@ def test_launch_use_gpu_follows_the_config(monkeypatch):
     for text, want in [("true", True), ("yes", True), ("false", False), ("no", False), ("auto", True)]:
         assert launch.use_gpu(load_config(None, [f"distributed.use_gpu={text}"])) is want, text
     assert launch.use_gpu(load_config(None, ["distributed.use_gpu=auto", "distributed.num_workers=4"])) is False
+
+
+def test_dates_work_unquoted_on_the_command_line_and_in_yaml(tmp_path):
+    # YAML reads 2000-12-08 as a date; str fields take it as YYYY-MM-DD (issue #16)
+    assert load_config(None, ["data.eval_day=2000-12-08"]).data.eval_day == "2000-12-08"
+    assert load_config(None, ["data.eval_day='2000-12-08'"]).data.eval_day == "2000-12-08"
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  eval_day: 2000-12-08\n")
+    assert load_config(path).data.eval_day == "2000-12-08"
+    with pytest.raises(ValueError, match="data.eval_day must be a date YYYY-MM-DD, got '2026-13-01'"):
+        load_config(None, ["data.eval_day=2026-13-01"])  # not a date to YAML either: refused by name
+    path.write_text("data:\n  eval_day: 2026-13-01\n")
+    with pytest.raises(ValueError, match=f"config file {path}"):
+        load_config(path)

@@ -105,10 +105,41 @@ def test_uniform_sampler_range_and_logq():
 def test_loss_positions_all_vs_last():
     hidden = torch.arange(2 * 3 * 1, dtype=torch.float).view(2, 3, 1)
     targets = torch.tensor([[0, 5, 6], [7, 0, 8]])
+    # the loss rows are fixed by the batch's shape (no host sync); rows without a target carry id 0
     ids = sample_loss_ids(LossConfig(), targets, NegativeSampler(10), "all")
-    assert ids.pos_ids.tolist() == [5, 6, 7, 8] and hidden[ids.mask].squeeze(-1).tolist() == [1, 2, 3, 5]
+    assert ids.pos_ids[ids.valid].tolist() == [5, 6, 7, 8] and hidden[ids.mask].squeeze(-1).tolist() == [1, 2, 3, 5]
+    assert ids.pos_ids.tolist() == [0, 5, 6, 7, 0, 8] and int(ids.events) == 4
+    assert ids.queries(hidden)[ids.valid].squeeze(-1).tolist() == [1, 2, 3, 5]
     ids = sample_loss_ids(LossConfig(), targets, NegativeSampler(10), "last")
-    assert ids.pos_ids.tolist() == [6, 8] and hidden[ids.mask].squeeze(-1).tolist() == [2, 5]
+    assert ids.pos_ids[ids.valid].tolist() == [6, 8] and hidden[ids.mask].squeeze(-1).tolist() == [2, 5]
+    assert ids.queries(hidden).squeeze(-1).tolist() == [2, 5]
+
+
+@pytest.mark.parametrize("kind", ["sampled_softmax", "bce", "bpr"])
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_padded_rows_change_nothing(kind, in_batch):
+    """The loss over all B*L rows with padding weighing 0 equals the loss over the target rows alone."""
+    if in_batch and kind != "sampled_softmax":
+        return
+    torch.manual_seed(0)
+    counts = torch.cat([torch.zeros(1), torch.rand(10) * 50])
+    sampler = NegativeSampler(10, "popularity", counts)
+    cfg = LossConfig(type=kind, num_negatives=4, sampler="popularity", in_batch_negatives=in_batch)
+    emb = torch.nn.Embedding(11, 4)
+    hidden = torch.randn(2, 5, 4)
+    targets = torch.tensor([[0, 0, 3, 4, 5], [0, 7, 8, 7, 9]])
+    padded = next_item_loss(cfg, hidden, targets, emb, sampler, generator=torch.Generator().manual_seed(1))
+    keep = targets.reshape(-1) != 0
+    q, pos = hidden.reshape(-1, 4)[keep], targets.reshape(-1)[keep]
+    if kind == "sampled_softmax":
+        neg = sampler.sample(4, torch.Generator().manual_seed(1))
+        logp = sampler.log_popularity(pos) if in_batch else None
+        alone = sampled_softmax(q, pos, emb(pos), neg, emb(neg), neg_logq=sampler.log_q(neg), pos_logp=logp,
+                                in_batch=in_batch)
+    else:  # one negative per row, drawn for all 10 rows: the target rows' ones
+        neg = sampler.sample(10, torch.Generator().manual_seed(1))[keep]
+        alone = (bce if kind == "bce" else bpr)(q, emb(pos), emb(neg))
+    assert padded.item() == pytest.approx(alone.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["sampled_softmax", "bce", "bpr"])

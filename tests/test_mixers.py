@@ -5,7 +5,7 @@ import torch
 
 from model.config import ModelConfig
 from model.convformer import SequenceEncoder
-from model.mixers import _fast_fft_size, depthwise_conv, fft_conv
+from model.mixers import CausalSelfAttention, _fast_fft_size, depthwise_conv, fft_conv
 
 # (L, K, D, B): short to long, K from 1 to L, odd sizes on purpose.
 GRID = [
@@ -152,3 +152,31 @@ def test_left_padding_amount_does_not_matter(mixer):
     long_x = torch.cat([torch.zeros(1, 22, 16), hist], dim=1)
     long_valid = torch.arange(32)[None, :] >= 22
     assert torch.allclose(enc(long_x, long_valid)[:, 22:], short, atol=1e-5)
+
+
+def _masked_attention(attn: CausalSelfAttention, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """The attention baseline as it was before #14: an explicit (B, 1, L, L) mask, which rules out the fused
+    kernels on GPU (causal, padded keys hidden, a padded query keeps its own key)."""
+    b, length, dim = x.shape
+    q, k, v = attn.qkv(x).view(b, length, 3, attn.num_heads, dim // attn.num_heads).unbind(2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal & (key_valid[:, None, None, :] | torch.eye(length, dtype=torch.bool))
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return attn.out(y.transpose(1, 2).reshape(b, length, dim))
+
+
+@pytest.mark.parametrize("length", [1, 7, 32])
+def test_attention_on_the_causal_kernel_equals_the_masked_one(length):
+    """Rotating each left-padded row so that pads trail, then `is_causal` alone: the masked result, exactly up
+    to rounding, on every real position, for every amount of padding (none and all included)."""
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 2, dropout=0.0).eval()
+    b = 6
+    pads = torch.tensor([0, 1, length // 2, length - 1, length, 0]).clamp(max=length)
+    valid = torch.arange(length)[None, :] >= pads[:, None]  # (B, L) left padded
+    x = torch.randn(b, length, 16) * valid[..., None]  # the encoder zeroes padded inputs
+    with torch.no_grad():
+        y, ref = attn(x, valid), _masked_attention(attn, x, valid)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y[valid], ref[valid], rtol=1e-5, atol=1e-6)

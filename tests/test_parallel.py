@@ -71,8 +71,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: i
     losses = []
     for step in range(steps):
         negatives = torch.Generator().manual_seed(2000 + step)  # the same negatives on every rank
-        loss, _ = stack.train_step(_batch(step, rank, world, batch_total), negatives)
-        losses.append(loss.item())
+        losses.append(stack.train_step(_batch(step, rank, world, batch_total), negatives).loss.item())
     dense = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
     return {"dense": dense, "full": table.gather_full(), "losses": losses, "placement": table.placement(),
             "momentum": _gather_sharded(next(iter(table.state_dict()["optimizer"]["state"].values())))
@@ -93,7 +92,7 @@ def _empty_rank_worker(rank: int, world: int, loss_scale: float) -> dict[str, An
     for _ in range(2):
         negatives = torch.Generator().manual_seed(9)
         if loss_scale == 1.0:
-            loss, _ = stack.train_step(batch, negatives)
+            loss = stack.train_step(batch, negatives).loss
         else:  # the reference: the same step with the loss scaled
             loss, _ = stack.loss(batch, negatives)
             stack.engine.backward(loss * loss_scale)

@@ -17,6 +17,7 @@ from pyarrow.fs import LocalFileSystem
 
 from trainer import storage
 from trainer.config import Config
+from trainer.errors import UserError
 from trainer.storage import Location
 
 # Settings a checkpoint's tensors depend on; any difference makes it unloadable.
@@ -27,8 +28,8 @@ COMPATIBLE_KEYS = [
 ]
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt (a user error: trainer/errors.py)."""
 
 
 def _crc32(path: Path) -> int:
@@ -86,7 +87,7 @@ def check_compatible(root: Location, cfg: Config, meta: Optional[dict[str, Any]]
     now = fingerprint(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
     if diffs:
-        raise ValueError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
+        raise UserError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
 
 
 def latest_checkpoint(run_dir: Location) -> Optional[Location]:
@@ -101,7 +102,7 @@ def latest_checkpoint(run_dir: Location) -> Optional[Location]:
 
 def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
     """Before any worker starts: the latest checkpoint is complete, intact and written by a compatible
-    config. Raises CheckpointError or ValueError naming the problem; returns the checkpoint (or None)."""
+    config. Raises CheckpointError or UserError (a ValueError) naming the problem; returns the checkpoint (or None)."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return None

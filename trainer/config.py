@@ -8,6 +8,7 @@ combinations that span sections.
 """
 
 import dataclasses
+import datetime as dt
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import yaml
 from data.config import DataConfig
 from model.config import LossConfig, ModelConfig
 from trainer import storage
+from trainer.errors import ConfigError
 
 
 @dataclass
@@ -128,6 +130,7 @@ class OutputConfig:
     keep_checkpoints: int = 2
     export_embeddings: bool = False
     callbacks: list[str] = field(default_factory=list)  # "module:Class" ray.train.UserCallback, e.g. MLflow
+    tensorboard: bool = True  # TensorBoard event files under OUT/tb/ (trainer/driver/tracking.py)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -195,7 +198,17 @@ class Config:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load `path` (YAML; None for all defaults), apply `key.sub=value` overrides, validate."""
+    """Load `path` (YAML; None for all defaults), apply `key.sub=value` overrides, validate. Any mistake is a
+    ConfigError (a ValueError) naming the file or the key."""
+    try:
+        return _load(path, overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the sections' own checks (__post_init__) raise plain ValueError
+        raise ConfigError(str(e)) from None
+
+
+def _load(path: Optional[Union[str, Path]], overrides: typing.Sequence[str]) -> Config:
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -203,7 +216,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: typing.Seque
             raise ValueError(f"config file {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: an impossible date such as 2026-13-01
             raise ValueError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
@@ -225,7 +238,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ValueError(f"override {item!r}: {part} is not a section")
     try:
         node[leaf] = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: what looks like an impossible date, 2026-13-01
         node[leaf] = text
 
 
@@ -285,6 +298,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ValueError(f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, dt.date):  # YAML reads 2000-12-08 (unquoted, in a file or an override) as a date
+            value = value.isoformat()
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a string, got {value!r}")
         return value

@@ -5,20 +5,28 @@
 Starts a local Ray instance, or joins the cluster named by RAY_ADDRESS. Ctrl-C (SIGINT) or SIGTERM stops
 the run within seconds: the workers and the local Ray instance are shut down, the exit status is 128 + the
 signal number (130, 143), and the message names the checkpoint that `--resume` continues from.
+
+The console shows one line per phase, training progress and the results table; library output goes to
+OUT/logs/ (`--verbose`: to the console as well). A user error (trainer/errors.py: config, log, path,
+resources, checkpoint) ends the run with one line on stderr, `error: ...`, and exit status 2, its traceback
+in OUT/logs/driver.log; an internal error prints its traceback and exits 1.
 """
 
 import argparse
 import json
 import signal
 import sys
+import traceback
 from typing import Optional, Sequence
 
 import ray
 
 from trainer.checkpoint import CheckpointError, latest_checkpoint, read_meta
 from trainer.config import Config, load_config
+from trainer.driver.console import Console
 from trainer.driver.launch import run, run_dir
-from trainer.driver.report import RESULTS_MARKER, print_table
+from trainer.driver.report import RESULTS_MARKER, format_table
+from trainer.errors import ConfigError, find_user_error, one_line
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -30,6 +38,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="continue from the latest checkpoint (in output.storage, default output.dir/ray)")
     p.add_argument("--print-results", action="store_true",
                    help="also print results.json as one log line (for job logs)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show library and worker output on the console too (default: only in OUT/logs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.kernel_size=64")
     return p.parse_args(argv)
 
@@ -38,21 +48,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # no output.dir to log to yet; the message is the whole story
+        print(one_line(e), file=sys.stderr, flush=True)
+        return 2
+    try:
+        console = Console.for_run(cfg.output.dir, verbose=args.verbose)
+    except OSError as e:  # e.g. no permission: a path the user gave
+        print(f"error: output.dir={cfg.output.dir}: cannot write the run's logs there ({e})", file=sys.stderr)
         return 2
     signals = StopSignals()
     try:
         with signals:
-            results = run(cfg, resume=args.resume)
-    except BaseException:
-        if signals.received is None:
-            raise
-        return shut_down(signals, cfg)
-    print_table(results)
+            results = run(cfg, resume=args.resume, console=console)
+    except BaseException as e:
+        if signals.received is not None:
+            return shut_down(signals, cfg, console)
+        return failed(e, console)
+    console.line(format_table(results))
     if args.print_results:
-        print(RESULTS_MARKER + json.dumps(results, default=str), flush=True)
+        console.line(RESULTS_MARKER + json.dumps(results, default=str))
     return 0
+
+
+def failed(e: BaseException, console: Console) -> int:
+    """A user error: one `error:` line on stderr, exit 2; anything else: the traceback, exit 1. The
+    traceback goes to OUT/logs/driver.log either way."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        raise e
+    console.to_log("".join(traceback.format_exception(e)))
+    user = find_user_error(e)
+    if user is not None:
+        console.error(one_line(user))
+        return 2
+    console.error("".join(traceback.format_exception(e)).rstrip())
+    console.error(f"internal error ({type(e).__name__}); the traceback is also in the run's log, OUT/logs/driver.log")
+    return 1
 
 
 class Interrupted(KeyboardInterrupt):
@@ -111,10 +141,11 @@ class StopSignals:
             self._set(s, h)
 
 
-def shut_down(signals: StopSignals, cfg: Config) -> int:
+def shut_down(signals: StopSignals, cfg: Config, console: Optional[Console] = None) -> int:
     """After SIGINT/SIGTERM: stop the workers and Ray, say how to continue. Returns the exit status."""
+    console = console or Console()
     name = signal.Signals(signals.received).name
-    print(f"\n{name} received: stopping the workers and Ray ...", file=sys.stderr, flush=True)
+    console.error(f"\n{name} received: stopping the workers and Ray ...")
     try:
         # A local instance (this driver started it) goes down with its workers; on a cluster this ends the
         # driver's job, and with it the train controller and its worker group (the driver's actors).
@@ -125,7 +156,7 @@ def shut_down(signals: StopSignals, cfg: Config) -> int:
         hint = resume_hint(cfg)
     except Exception as e:  # e.g. unreachable storage: the exit status and the advice matter more
         hint = f"rerun with --resume to continue from the latest checkpoint ({type(e).__name__}: {e})"
-    print(f"interrupted by {name}; {hint}", file=sys.stderr, flush=True)
+    console.error(f"interrupted by {name}; {hint}")
     return 128 + signals.received
 
 

@@ -1,6 +1,7 @@
 """The item table as a TorchRec EmbeddingCollection, sharded over the workers.
 
-One table ("item", feature "item"), rows 0..num_items, row 0 = padding (zero, never looked up).
+One table ("item", feature "item"), rows 0..num_items, row 0 = padding (zero: looked up as any id, its
+output and gradient masked to zero, so it never changes).
 Built on the meta device, planned by `EmbeddingShardingPlanner`, sharded by
 `DistributedModelParallel` over the embedding module ONLY (the dense tower goes to DeepSpeed,
 trainer/distributed/dense.py). The sparse optimizer is fused into the backward (FBGEMM TBE): gradients
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -292,21 +293,35 @@ class ShardedItemTable:
     # ------------------------------------------------------------ lookup
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings for `ids` of any shape -> (*ids.shape, D), fp32. Collective (all-to-all).
+        """Embeddings for `ids` of any shape -> (*ids.shape, D), fp32. Collective (all-to-all)."""
+        return self.lookup_parts([ids])[0]
 
-        Id 0 (padding) is not sent to TorchRec and comes back as exact zeros, so row 0 is never
-        read or trained.
+    def lookup_parts(self, parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Embeddings for several id tensors in ONE lookup (one all-to-all each way): each (*shape) ->
+        (*shape, D), fp32. Collective: every rank calls it the same number of times, with any ids (or none).
+
+        One TorchRec sample per row: a part of shape (..., W) is prod(...) samples of W ids (a batch of
+        sequences (B, L): B samples), a 1-D part one sample. Lengths therefore follow the shapes and are built
+        without reading any id on the host; padding (id 0) travels as id 0 rather than being cut out
+        (compacting needs the count of real ids on the host: a device sync). Padding comes back as exact zeros
+        and passes back exactly zero gradient (a `where`, not a product: even a non-finite gradient stops), so
+        row 0 is looked up but never changes under any of the fused optimizers.
         """
-        flat = ids.reshape(-1).to(self.ctx.device)
-        keep = flat != 0  # (n,)
-        lengths = keep.to(torch.int32)  # one "sample" per position, 0 or 1 ids
-        if lengths.numel() == 0:
-            lengths = torch.zeros(1, dtype=torch.int32, device=flat.device)  # TorchRec rejects batch size 0
-        kjt = KeyedJaggedTensor(keys=[TABLE], values=flat[keep], lengths=lengths)
-        emb = self.dmp(kjt)[TABLE].values()  # (n_nonzero, D)
-        out = emb.new_zeros(flat.numel(), self.dim).index_copy(0, keep.nonzero().squeeze(1), emb)
-        return out.view(*ids.shape, self.dim)
-
+        device = self.ctx.device
+        flat, lengths, shapes = [], [], []
+        for ids in parts:
+            ids = ids.to(device, non_blocking=True)
+            shapes.append(ids.shape)
+            rows, width = (ids.shape[:-1].numel(), ids.shape[-1]) if ids.dim() >= 2 else (1, ids.numel())
+            flat.append(ids.reshape(-1))
+            lengths.append(torch.full((rows,), width, dtype=torch.int32, device=device))
+        if sum(x.numel() for x in lengths) == 0:  # TorchRec rejects batch size 0: one empty sample
+            lengths.append(torch.zeros(1, dtype=torch.int32, device=device))
+        values = torch.cat(flat)  # (n,)
+        kjt = KeyedJaggedTensor(keys=[TABLE], values=values, lengths=torch.cat(lengths))
+        emb = self.dmp(kjt)[TABLE].values()  # (n, D), in the order of `values`
+        emb = torch.where((values != 0).unsqueeze(1), emb, emb.new_zeros(()))
+        return [e.view(*shape, self.dim) for e, shape in zip(emb.split([f.numel() for f in flat]), shapes)]
 
     # ------------------------------------------------------------ state
 

@@ -5,9 +5,10 @@ Prepared data, results.json and metrics.jsonl go to output.dir; Ray Train's stor
 output.storage (a local path or a pyarrow URI, default OUT/ray), which also gets copies of results.json and
 metrics.jsonl when set."""
 
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -20,7 +21,10 @@ from trainer import storage
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
 from trainer.driver.callbacks import build_callbacks
+from trainer.driver.console import LOG_DIR, Console, Progress, estimate_steps_per_epoch
 from trainer.driver.report import write_results
+from trainer.driver.tracking import CURVES, TB_DIR, TensorBoard, plot_curves
+from trainer.errors import UserError, user_input
 from trainer.evaluation.baselines import baselines
 from trainer.logs import quiet
 from trainer.storage import Location
@@ -29,13 +33,15 @@ from trainer.worker.loop import train_worker
 RUN_NAME = "train"
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray(cfg: Config, log_to_driver: bool = True) -> None:
     """Join RAY_ADDRESS if set (a cluster, or a job's own cluster), else start a new local instance.
 
     Workers take fractional CPUs so Ray Data's read tasks still get some (a full reservation on 2 cores
-    backpressures forever: docs/dependencies.md); check_resources refuses over-subscription."""
+    backpressures forever: docs/dependencies.md); check_resources refuses over-subscription.
+    `log_to_driver=False`: worker output stays in Ray's logs and OUT/logs/, off the console
+    (trainer/driver/console.py)."""
     quiet()
-    ensure_ray(runtime_env={"worker_process_setup_hook": "trainer.logs.quiet"})
+    ensure_ray(runtime_env={"worker_process_setup_hook": "trainer.logs.quiet"}, log_to_driver=log_to_driver)
     check_resources(cfg)
 
 
@@ -57,12 +63,12 @@ def check_resources(cfg: Config) -> None:
     total = ray.cluster_resources()
     want_cpu = cfg.distributed.num_workers * cfg.distributed.cpus_per_worker
     if want_cpu > total.get("CPU", 0):
-        raise ValueError(
+        raise UserError(
             f"distributed.num_workers={cfg.distributed.num_workers} x distributed.cpus_per_worker="
             f"{cfg.distributed.cpus_per_worker} needs {want_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}"
         )
     if use_gpu(cfg) and cfg.distributed.num_workers > total.get("GPU", 0):
-        raise ValueError(
+        raise UserError(
             f"distributed.num_workers={cfg.distributed.num_workers} with GPUs needs as many GPUs; "
             f"the Ray cluster has {total.get('GPU', 0):g}"
         )
@@ -87,7 +93,9 @@ def run_dir(cfg: Config) -> Location:
     return storage.join(storage_root(cfg), RUN_NAME)
 
 
-def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) -> dict[str, Any]:
+    """`console`: where phase lines and progress go (default: stdout, and Ray forwards the workers' output)."""
+    console = console or Console()
     out = Path(cfg.output.dir).resolve()
     cfg.output.dir = str(out)  # workers run elsewhere: give them the absolute path
     if cfg.output.storage and not storage.is_uri(cfg.output.storage):
@@ -99,29 +107,29 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     where, new = (f"output.storage={root}", "output.storage to a new location") if mirror is not None \
         else (str(out), "output.dir to a new directory")
     if not resume and storage.exists(run_path):
-        raise ValueError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
-    size_item_table(cfg)
+        raise UserError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
+    with user_input():  # its ValueErrors are about the config and the data
+        size_item_table(cfg)
     if resume:
         # refuse a corrupt or incompatible checkpoint before any worker starts
         if check_resumable(run_path, cfg) is None:
-            print(f"--resume: no checkpoint in {where} yet; starting from scratch", flush=True)
+            console.line(f"--resume: no checkpoint in {where} yet; starting from scratch")
     out.mkdir(parents=True, exist_ok=True)
     metrics_log = out / "metrics.jsonl"
     if resume and mirror is not None and not metrics_log.exists():
         storage.copy_file(storage.join(mirror, "metrics.jsonl"), metrics_log)  # continue the stored log
     phases: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    connect_ray(cfg)
-    phases["ray_start"] = time.perf_counter() - t0
+    with console.phase("ray start", phases, "ray_start", "local instance" if not os.environ.get("RAY_ADDRESS")
+                       else f"joining {os.environ['RAY_ADDRESS']}"):
+        connect_ray(cfg, log_to_driver=console.verbose)
 
-    t0 = time.perf_counter()
-    # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
-    data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, cfg.model.num_items)
-    phases["data"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    reference = baselines(cfg, data)
-    phases["baselines"] = time.perf_counter() - t0
+    with console.phase("data", phases, "data", cfg.data.path or "synthetic log") as note:
+        # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
+        data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, cfg.model.num_items)
+        note["note"] = f"{data.num_train_users:,} training users, {data.num_eval_queries:,} evaluation queries"
+    with console.phase("baselines", phases, "baselines"):
+        reference = baselines(cfg, data)
 
     gpu = use_gpu(cfg)
     backend = cfg.distributed.backend if cfg.distributed.backend != "auto" else ("nccl" if gpu else "gloo")
@@ -129,7 +137,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     mirrored_log = storage.join(mirror, "metrics.jsonl") if mirror is not None else None
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "data": data.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "data": data.to_dict(),
+                           "log_dir": None if console.verbose else str(out / LOG_DIR)},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=cfg.distributed.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
@@ -142,12 +151,23 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
             callbacks=build_callbacks(cfg, out, run_path, mirrored_log),
         ),
     )
+    tb = TensorBoard(out / TB_DIR) if cfg.output.tensorboard else None
+    progress = Progress(console, metrics_log, cfg.training.epochs, cfg.training.max_steps,
+                        estimate_steps_per_epoch(data.train_sequences, cfg.model.max_seq_len,
+                                                 cfg.training.batch_size, cfg.distributed.num_workers),
+                        select=cfg.eval.select, on_record=tb.record if tb else None)
+    console.line(f"training ... {cfg.distributed.num_workers} workers, {cfg.training.epochs} epoch(s)")
     t0 = time.perf_counter()
+    result = None
     try:
-        result = trainer.fit()
+        with progress:
+            result = trainer.fit()
+            progress.end_evaluation()
     finally:
         if mirrored_log is not None:
             storage.copy_quietly(metrics_log, mirrored_log)
+        if tb is not None and result is None:
+            tb.close()
     phases["fit"] = time.perf_counter() - t0
     worker_results = result.return_value
     if worker_results is None:
@@ -163,5 +183,8 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         "checkpoint": str(storage.name_of(run_path, result.checkpoint.path)) if result.checkpoint else None,
     }
     write_results(results, out, also_to=mirror)
+    if tb is not None:
+        tb.finish(results)
+    plot_curves(metrics_log, out / CURVES, cfg.eval.select, results)
     return results
 

@@ -3,6 +3,7 @@
 Every rank writes what it owns into its own directory and reports it; Ray Train merges the ranks'
 directories into one checkpoint in storage and registers it only once every rank has reported, so a
 crash while saving leaves the previous checkpoint the latest. Loading verifies every rank's manifest first.
+On CUDA, each rank's CUDA generator state is saved and restored with its CPU one.
 """
 
 import json
@@ -21,6 +22,19 @@ from trainer.worker.faults import UploadFn
 from trainer.worker.stack import Stack
 
 
+def cuda_rng_state(device: torch.device) -> dict[str, Any]:
+    """This rank's CUDA generator state when it computes on CUDA (dropout masks on the device draw from it,
+    not from the CPU generator saved as torch_rng), else nothing: a resumed GPU run continues exactly."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_rng": torch.cuda.get_rng_state(device)}
+
+
+def restore_cuda_rng(state: dict[str, Any], device: torch.device) -> None:
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
@@ -36,7 +50,7 @@ class Checkpointer:
             (root / "loader").mkdir()
             (root / "loader" / f"rank{self.ctx.rank}.json").write_text(json.dumps(loader.state_dict()))
             (root / "trainer").mkdir()
-            torch.save(state, root / "trainer" / f"rank{self.ctx.rank}.pt")
+            torch.save({**state, **cuda_rng_state(self.ctx.device)}, root / "trainer" / f"rank{self.ctx.rank}.pt")
             if self.ctx.rank == 0:
                 meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
                         "step": state["step"], "epoch": state["epoch"]}
@@ -56,6 +70,7 @@ class Checkpointer:
             engine.load_checkpoint(str(root / "dense"), tag="dense")
             loader.load_state_dict(json.loads((root / "loader" / f"rank{self.ctx.rank}.json").read_text()))
             state = torch.load(root / "trainer" / f"rank{self.ctx.rank}.pt", weights_only=False)
+        restore_cuda_rng(state, self.ctx.device)  # the CPU generator (torch_rng) is restored by the loop
         if self.ctx.rank == 0:
             print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']})", flush=True)
         return state

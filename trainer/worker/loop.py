@@ -29,9 +29,11 @@ from trainer.distributed.collectives import lockstep
 from trainer.distributed.context import DistContext
 from trainer.evaluation.queries import query_tensors
 from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
+from trainer.logs import to_file
 from trainer.worker.checkpointer import Checkpointer
 from trainer.worker.faults import FaultInjector
-from trainer.worker.stack import Stack
+from trainer.worker.stack import Stack, peak_device_memory
+from trainer.worker.steps import StepStats, agree_epoch, epoch_batches
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,6 +43,8 @@ class NonFiniteLoss(RuntimeError):
 def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     cfg = from_dict(Config, loop_config["config"])
     data = PreparedData(**loop_config["data"])
+    if loop_config.get("log_dir"):  # off the console: this worker's output to OUT/logs/worker-RANK.log
+        to_file(Path(loop_config["log_dir"]) / f"worker-{ray.train.get_context().get_world_rank()}.log")
     return Trainer(cfg, data).run()
 
 
@@ -87,35 +91,40 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train(self) -> dict[str, Any]:
+        """Between logging steps a step reads the device once (the agreed non-finite flag, in
+        Stack.train_step): losses and event counts stay on the device (StepStats), and the ranks agree on
+        the steps of an epoch once per epoch, not per batch (trainer/worker/steps.py)."""
         cfg = self.cfg.training
         t_start = time.perf_counter()
-        events = sequences = 0
-        window_loss, window_t, window_events = 0.0, time.perf_counter(), 0
+        stats = StepStats(self.ctx.device)
+        sequences = 0
+        window_t = time.perf_counter()
+        my_batches = self.loader.num_batches()  # the same every epoch
         while self.loader.epoch < cfg.epochs and not self._done() and not self._patience_spent():
             self.stack.train()
-            for batch in lockstep(self.loader):  # ranks hold unequal data; all join every step
+            # ranks hold unequal data; all join every step: the epoch's steps are agreed once
+            steps, start = agree_epoch(my_batches, self.loader.batches_consumed)
+            for batch in epoch_batches(self.loader, my_batches, steps, start):
                 self.faults.before_step(self.step + 1, self.stack.engine.module)
-                loss, n_events = self.stack.train_step(batch, self.gen)
-                if torch.isfinite(loss):
-                    window_loss += loss.item() * n_events  # dummy steps of a rank out of data weigh 0
-                elif cfg.on_nonfinite_loss == "stop":
+                step = self.stack.train_step(batch, self.gen)
+                if not step.finite and cfg.on_nonfinite_loss == "stop":
                     raise NonFiniteLoss(
                         f"non-finite loss at step {self.step + 1} (epoch {self.loader.epoch}); no update was "
                         "applied and no checkpoint written from it. Set training.on_nonfinite_loss=skip to skip "
                         "such batches"
                     )
-                else:
+                if not step.finite:
                     self.skipped_steps += 1
                     if self.ctx.rank == 0:
                         print(f"step {self.step + 1}: non-finite loss, batch skipped", flush=True)
+                stats.add(step)  # on the device
                 self.step += 1
-                events += n_events
-                window_events += n_events
-                sequences += 0 if batch is None else int(batch["input_ids"].shape[0])
+                sequences += 0 if batch is None else int(batch["input_ids"].shape[0])  # a host shape
                 if self.step % cfg.log_every == 0:
                     now = time.perf_counter()
+                    window_loss, window_events = stats.window()  # the logging step's read of the device
                     ray.train.report(self._progress(window_loss, window_events, now - window_t))
-                    window_loss, window_t, window_events = 0.0, now, 0
+                    window_t = now
                 if self.cfg.output.checkpoint_every and self.step % self.cfg.output.checkpoint_every == 0:
                     self.save()
                 if self._done():
@@ -125,9 +134,11 @@ class Trainer:
                 self.save()  # end of epoch (or of max_steps), with the early-stopping state
         seconds = time.perf_counter() - t_start
         self.phases["train"] = seconds
-        totals = torch.tensor([events, sequences], dtype=torch.float64, device=self.ctx.device)
+        totals = torch.stack([stats.total_events.to(torch.float64),
+                              torch.tensor(float(sequences), dtype=torch.float64, device=self.ctx.device)])
         dist.all_reduce(totals)
-        return {"events_per_s": totals[0].item() / seconds, "sequences_per_s": totals[1].item() / seconds,
+        events_total, sequences_total = totals.tolist()
+        return {"events_per_s": events_total / seconds, "sequences_per_s": sequences_total / seconds,
                 "steps": self.step, "epochs_completed": self.loader.epoch, "skipped_steps": self.skipped_steps,
                 "restored_from_checkpoint": self.restarted, "stopped_early": self._patience_spent()}
 
@@ -240,15 +251,22 @@ class Trainer:
             self.stack.restore(self.best["weights"])
             selection = {"select": self.cfg.eval.select, "best_epoch": self.best["epoch"],
                          "metrics": self.best["metrics"], "stopped_early": self._patience_spent()}
+        # the driver's console starts its evaluation phase here (trainer/driver/console.py)
+        ray.train.report({"step": self.step, "epoch": self.loader.epoch, "phase": "evaluation"})
         metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings)
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], device=self.ctx.device)
+        # host RSS and, on CUDA, the device's peak allocation
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                             peak_device_memory(self.ctx.device)], device=self.ctx.device)
         peaks = [torch.zeros_like(peak) for _ in range(self.ctx.world_size)]
         dist.all_gather(peaks, peak)
+        device_peaks = ({"peak_device_memory_bytes_per_worker": [int(p[1].item()) for p in peaks]}
+                        if self.ctx.device.type == "cuda" else {})
         return {
             "metrics": metrics,
             "validation": selection,
             "throughput": throughput,
             "phases_s": self.phases,
-            "peak_memory_bytes_per_worker": [int(p.item()) for p in peaks],
+            "peak_memory_bytes_per_worker": [int(p[0].item()) for p in peaks],
+            **device_peaks,
             "world_size": self.ctx.world_size,
         }

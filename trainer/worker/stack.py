@@ -12,17 +12,24 @@ these and nothing else.
 
 A step, in this order:
     ids  = inputs, positives and negatives of the batch             (drawn before any lookup)
-    emb  = table.lookup(ids)               # one all-to-all each way, fp32
+    emb  = table.lookup_parts(ids)         # one all-to-all each way, fp32
     hidden = engine(emb[inputs] -> engine dtype, valid).float()    # dense tower under DeepSpeed
     loss = next-item loss from hidden and emb[positives, negatives]  (fp32)
+    bad  = all-reduce(MAX) of "loss not finite", read on the host  # the step's one host sync
     engine.backward(loss)    # backprops into the TorchRec outputs: the fused optimizer updates the rows here
     engine.step()            # dense AdamW step (+ ZeRO reduction, clipping)
+
+Host syncs. Shapes follow the batch's shape, never its content (model/losses.py, the lookup), and the loss and
+the event count come back as device tensors, so nothing in the step waits for the device except one read: the
+agreed non-finite flag, which must be known on the host before the backward (the backward and the step are
+collectives every rank must join or skip together, and the fused sparse update happens inside the backward).
+tests/test_host_syncs.py counts them.
 
 Every lookup is a collective. A rank without data passes `None` to `train_step` or `encode` and still takes
 part with an all-padding batch, so ranks holding unequal data never deadlock.
 """
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,10 +45,33 @@ from trainer.distributed.embeddings import ShardedItemTable
 Batch = dict[str, torch.Tensor]  # input_ids (B, L), targets (B, L); 0 = padding / no target
 
 
+class Step(NamedTuple):
+    """What a training step returns. `loss` and `events` are device tensors: read them at logging steps only."""
+
+    loss: torch.Tensor  # 0-d fp32: the mean loss per target event; NaN when not finite on some rank
+    events: torch.Tensor  # 0-d int64: target events of this rank's batch (0 when not finite)
+    finite: bool  # False: no rank updated anything (known on the host: the step's one sync)
+
+
+def set_tf32(cfg: Config) -> None:
+    """The TF32 policy, explicit: fp32 runs compute in true fp32 (matmuls and cuDNN convolutions, which on
+    Ampere and newer would otherwise use TF32 for convolutions by default), bf16 runs allow TF32 for the fp32
+    parts (loss logits, scores). A no-op on CPU, where the flags have no effect."""
+    allow = cfg.distributed.precision == "bf16"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
+def peak_device_memory(device: torch.device) -> int:
+    """Bytes of device memory the caching allocator handed out at peak on this rank (0 off CUDA)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
 class Stack:
     def __init__(self, cfg: Config, ctx: DistContext, item_counts: Optional[np.ndarray] = None) -> None:
         self.cfg, self.ctx = cfg, ctx
         m = cfg.model
+        set_tf32(cfg)
         # 1. Dense tower.
         torch.manual_seed(cfg.training.seed)
         encoder = SequenceEncoder(m)
@@ -51,39 +81,39 @@ class Stack:
         self.engine = wrap_dense(encoder, cfg, ctx)
         self.dtype = engine_dtype(self.engine)
         counts = None if item_counts is None else torch.from_numpy(np.array(item_counts, np.int64))
-        self.sampler = NegativeSampler(m.num_items, cfg.training.loss.sampler, counts)
+        self.sampler = NegativeSampler(m.num_items, cfg.training.loss.sampler, counts, device=ctx.device)
 
     # ------------------------------------------------------------ training
 
-    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-        """Lookup, dense forward and the loss of one batch; returns (loss, number of target events)."""
+    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lookup, dense forward and the loss of one batch; returns (loss, number of target events), both
+        device tensors."""
         t = self.cfg.training
-        ids = batch["input_ids"].to(self.ctx.device)  # (B, L)
-        targets = batch["targets"].to(self.ctx.device)  # (B, L)
+        ids = batch["input_ids"].to(self.ctx.device, non_blocking=True)  # (B, L)
+        targets = batch["targets"].to(self.ctx.device, non_blocking=True)  # (B, L)
         loss_ids = sample_loss_ids(t.loss, targets, self.sampler, t.positions, generator)
-        # One lookup (one all-to-all each way) for the inputs, positives and negatives together.
-        emb = self.table.lookup(torch.cat([ids.reshape(-1), loss_ids.all]))  # (B*L + N + M, D)
-        item_emb = emb[: ids.numel()].view(*ids.shape, -1).to(self.dtype)  # (B, L, D)
-        hidden = self.engine(item_emb, ids != 0).float()  # (B, L, D)
-        loss = loss_from_embeddings(t.loss, hidden, loss_ids, emb[ids.numel():], self.sampler)
-        return loss, loss_ids.pos_ids.numel()
+        # One lookup (one all-to-all each way) for the inputs (a sample per sequence), positives and negatives.
+        item_emb, loss_emb = self.table.lookup_parts([ids, loss_ids.all])  # (B, L, D), (R + M, D)
+        hidden = self.engine(item_emb.to(self.dtype), ids != 0).float()  # (B, L, D)
+        loss = loss_from_embeddings(t.loss, hidden, loss_ids, loss_emb, self.sampler)
+        return loss, loss_ids.events
 
-    def train_step(self, batch: Optional[Batch], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    def train_step(self, batch: Optional[Batch], generator: torch.Generator) -> Step:
         """One optimizer step of both towers; `batch` None: this rank is out of data but joins the collectives.
 
         When any rank's loss is not finite, no rank runs the backward or the step (they are collectives, and
-        the update would poison both towers): the loss comes back NaN with 0 events, and the caller decides
-        to stop or to skip.
+        the update would poison both towers): the loss comes back NaN with 0 events and `finite` False, and the
+        caller decides to stop or to skip. Reading that agreed flag is the step's only host sync.
         """
         loss, n_events = self.loss(batch if batch is not None else self.empty_batch(), generator)
         bad = (~torch.isfinite(loss.detach())).to(torch.int32).reshape(1)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            return loss.detach().new_tensor(float("nan")), 0
+        if bad.item():  # the one host sync of a step
+            return Step(loss.detach().new_tensor(float("nan")), torch.zeros_like(n_events), False)
         self.engine.backward(loss)  # also runs the table's fused sparse update
         self.engine.step()
-        return loss.detach(), n_events
+        return Step(loss.detach(), n_events, True)
 
     def empty_batch(self) -> Batch:
         """All padding: no targets, but the same collectives as a real batch."""
