@@ -13,9 +13,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data.prepare import prepare
+from data.prepare import PreparedData, prepare
 from data.ray_utils import ensure_ray
-from data.stats import num_items
 from trainer import storage
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
@@ -39,17 +38,16 @@ def connect_ray(cfg: Config) -> None:
     check_resources(cfg)
 
 
-def size_item_table(cfg: Config) -> None:
-    """model.num_items from the data when it is 0 (the synthetic config's items, or the log's largest id);
-    when given, it must hold every item of the log."""
-    largest = cfg.data.synth.items if not cfg.data.path else num_items(cfg.data.path)
+def size_item_table(cfg: Config, data: PreparedData) -> None:
+    """model.num_items from the data when it is 0 (the vocabulary's size, or a dense log's largest id); when
+    given, it must hold every item of the data."""
     if cfg.model.num_items == 0:
-        cfg.model.num_items = largest
-    elif largest > cfg.model.num_items:
-        where = cfg.data.path or "the synthetic log"
+        cfg.model.num_items = data.num_items
+    elif data.num_items > cfg.model.num_items:
+        what = "vocabulary size" if data.vocab else "largest item id"
         raise ValueError(
-            f"model.num_items={cfg.model.num_items} is smaller than the largest item id {largest} "
-            f"in {where}: the item table must hold every item"
+            f"model.num_items={cfg.model.num_items} is smaller than the {what} {data.num_items} "
+            f"in {cfg.data.path or data.log_dir}: the item table must hold every item"
         )
 
 
@@ -100,11 +98,6 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         else (str(out), "output.dir to a new directory")
     if not resume and storage.exists(run_path):
         raise ValueError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
-    size_item_table(cfg)
-    if resume:
-        # refuse a corrupt or incompatible checkpoint before any worker starts
-        if check_resumable(run_path, cfg) is None:
-            print(f"--resume: no checkpoint in {where} yet; starting from scratch", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     metrics_log = out / "metrics.jsonl"
     if resume and mirror is not None and not metrics_log.exists():
@@ -117,8 +110,13 @@ def run(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
-    data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, cfg.model.num_items)
+    data = prepare(cfg.data, out / "data", cfg.model.max_seq_len)
     phases["data"] = time.perf_counter() - t0
+    size_item_table(cfg, data)
+    if resume:
+        # refuse a corrupt or incompatible checkpoint before any worker starts
+        if check_resumable(run_path, cfg) is None:
+            print(f"--resume: no checkpoint in {where} yet; starting from scratch", flush=True)
     t0 = time.perf_counter()
     reference = baselines(cfg, data)
     phases["baselines"] = time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """Baselines reported beside the model: the most popular items of the training window, and on synthetic
 held-out-day logs the generator's Bayes-optimal oracle. Both run on the driver, in one process."""
 
+import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +38,8 @@ def baselines(cfg: Config, data: PreparedData) -> dict[str, Any]:
         out["popularity"] = popularity_metrics(data.load_item_counts(cfg.model.num_items), batches, cfg.eval.ks,
                                                cfg.eval.exclude_seen, cfg.model.max_seq_len)
     if cfg.eval.oracle and data.synthetic and data.eval_day is not None:
+        # the oracle needs sequences in the generator's ids: the prepared ones, unless a vocabulary renumbered them
         out["oracle"] = oracle_metrics(data.log_dir, data.eval_day, cfg.eval.ks, min_history=cfg.data.min_history,
-                                       seq_dir=data.sequences)
+                                       backend=cfg.data.backend, seq_dir=None if data.vocab else data.sequences,
+                                       work_dir=os.path.dirname(data.sequences))
     return out

@@ -17,7 +17,8 @@ rank = 1 + #{items with a higher score} + #{items with an equal score and a smal
 target is in the top-k exactly when rank <= k. Ties therefore cost the target (vs. the optimistic
 "1 + strictly higher") only against smaller ids; a constant scorer ranks by id, not at 1.
 Excluded items (padding row 0 always; a query's already-seen items when asked, except its own
-target) score -inf and are never ahead of the target; in top-k lists they appear as id -1.
+target) score -inf and are never ahead of the target; in top-k lists they appear as id -1. A target outside
+the table (the vocabulary's out-of-vocabulary id) ranks after every item: a miss.
 
 Every function here is a collective: all ranks call it with the same number of batches. Query
 computation uses table lookups (also collectives), so drive the batches with `lockstep`.
@@ -148,6 +149,7 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     info[:, me] = torch.tensor([b, seen_w, scorer.start, scorer.stop])
     sizes, widths, starts, stops = all_reduce(info).tolist()
     _check_tiling(starts, stops)
+    num_rows = max(stops)
     width, offset = max(widths), sum(sizes[:me])
 
     queries = all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
@@ -196,8 +198,9 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     all_s, all_i = gather_cols(local_s, world), gather_cols(local_i, world)  # (Q, W*k)
     top_s, top_i = order_topk(all_s, all_i, k)
     top_i = top_i.masked_fill(top_s == NEG_INF, -1)
+    ranks = torch.where(targets >= num_rows, num_rows, 1 + ahead)  # out of vocabulary: after every item
     mine = slice(offset, offset + b)
-    return RankResult(ranks=1 + ahead[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
+    return RankResult(ranks=ranks[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
 
 
 def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.device) -> torch.Tensor:
