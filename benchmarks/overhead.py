@@ -30,7 +30,7 @@ from model.convformer import SequenceEncoder
 from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
 from trainer.config import Config, from_dict, load_config
 from trainer.distributed.context import DistContext
-from trainer.driver.launch import connect_ray, size_item_table
+from trainer.driver.launch import connect_ray
 from trainer.worker.stack import Stack
 
 
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, ["distributed.num_workers=1", "distributed.cpus_per_worker=1", *args.overrides])
-    size_item_table(cfg)
+    cfg.model.num_items = cfg.model.num_items or cfg.data.synth.items  # a dense synthetic log
     threads = args.threads
     batches = make_batches(cfg, args.steps + args.warmup)
     stack = full_stack(cfg, batches, args.warmup, threads)

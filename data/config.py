@@ -51,6 +51,9 @@ class SynthConfig:
     start_day: str = "2026-01-01"
     users_per_chunk: int = 20000  # unit of parallel work and of bounded memory
     workers: int = 0  # processes; 0 means one per CPU
+    # Ids as written: dense (1..items, users 1..users), hashed (scrambled positive 64-bit integers) or
+    # string ("sku-17", "user-3"): the last two go through the vocabulary stage like industrial logs.
+    raw_ids: Literal["dense", "hashed", "string"] = "dense"
 
     def __post_init__(self) -> None:
         s = "data.synth"
@@ -77,6 +80,8 @@ class SynthConfig:
         _check_date(s, "start_day", self.start_day)
         _check_int(s, "users_per_chunk", self.users_per_chunk, 1)
         _check_int(s, "workers", self.workers, 0, 1024)
+        if self.raw_ids not in ("dense", "hashed", "string"):
+            raise ValueError(f"data.synth.raw_ids must be 'dense', 'hashed' or 'string', got {self.raw_ids!r}")
 
     @property
     def p_popularity(self) -> float:
@@ -84,9 +89,25 @@ class SynthConfig:
 
 
 @dataclass
+class VocabConfig:
+    """The vocabulary stage (data/vocab.py): raw item ids -> rows of the item table."""
+
+    build: Literal["auto", "always", "never"] = "auto"  # auto: for string ids or sparse (hashed) integer ids
+    min_count: int = 1  # items with fewer training-window events are out of vocabulary
+    max_items: int = 0  # keep at most this many, most frequent first; 0: no limit
+
+    def __post_init__(self) -> None:
+        if self.build not in ("auto", "always", "never"):
+            raise ValueError(f"data.vocab.build must be 'auto', 'always' or 'never', got {self.build!r}")
+        _check_int("data.vocab", "min_count", self.min_count, 1)
+        _check_int("data.vocab", "max_items", self.max_items, 0)
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # directory of day=YYYY-MM-DD/*.parquet; empty means generate `synth` under output.dir
     synth: SynthConfig = field(default_factory=SynthConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
     # held_out_day: train on the days before eval_day, evaluate that day's events. leave_one_out: per user,
     # the last event is the test target and the one before it the validation target (MovieLens protocol).
     split: Literal["held_out_day", "leave_one_out"] = "held_out_day"
@@ -105,6 +126,8 @@ class DataConfig:
             raise ValueError(f"data.path must be a string, got {self.path!r}")
         if not isinstance(self.synth, SynthConfig):
             raise ValueError(f"data.synth must be a SynthConfig, got {type(self.synth).__name__}")
+        if not isinstance(self.vocab, VocabConfig):
+            raise ValueError(f"data.vocab must be a VocabConfig, got {type(self.vocab).__name__}")
         if self.split not in ("held_out_day", "leave_one_out"):
             raise ValueError(f"data.split must be 'held_out_day' or 'leave_one_out', got {self.split!r}")
         _check_int("data", "train_days", self.train_days, 0)

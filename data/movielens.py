@@ -5,6 +5,7 @@
 Formats (picked by file name, or --format):
   ml-100k   u.data        user \\t item \\t rating \\t unix seconds      (no header)
   ml-1m     ratings.dat   user::item::rating::unix seconds             (no header)
+  ml-latest ratings.csv   userId,movieId,rating,timestamp with that header (ml-latest, ml-20m, ml-25m, ml-32m)
   recbole   *.inter       tab separated with a header of name:type fields, e.g.
                           user_id:token  item_id:token  rating:float  timestamp:float
                           (ids are tokens: any string, such as a movie title)
@@ -31,7 +32,8 @@ import pyarrow.parquet as pq
 
 from data.schema import DAY_US, EPOCH, ITEM, TS, USER, PathLike, ts_from_seconds
 
-Format = Literal["auto", "ml-100k", "ml-1m", "recbole"]
+Format = Literal["auto", "ml-100k", "ml-1m", "ml-latest", "recbole"]
+LATEST_HEADER = "userId,movieId,rating,timestamp"
 
 
 def detect_format(path: str) -> str:
@@ -44,6 +46,8 @@ def detect_format(path: str) -> str:
         return "recbole"
     with open(path, "r", errors="replace") as f:
         first = f.readline()
+    if first.strip() == LATEST_HEADER:
+        return "ml-latest"
     if "::" in first:
         return "ml-1m"
     if ":token" in first or ":float" in first:
@@ -68,6 +72,13 @@ def read_ratings(path: str, fmt: str) -> pa.Table:
         # '::' is two one-character delimiters with an empty field between: keep the even columns.
         raw = _read_plain(path, ":", ["user", "_1", "item", "_2", "rating", "_3", "seconds"])
         t = raw.select(["user", "item", "rating", "seconds"])
+    elif fmt == "ml-latest":
+        conv = pcsv.ConvertOptions(column_types={"userId": pa.string(), "movieId": pa.string()})
+        raw = pcsv.read_csv(path, convert_options=conv)
+        if ",".join(raw.column_names) != LATEST_HEADER:
+            raise ValueError(f"{path}: expected the header {LATEST_HEADER}, got {','.join(raw.column_names)}")
+        t = pa.table({"user": raw.column("userId"), "item": raw.column("movieId"), "rating": raw.column("rating"),
+                      "seconds": raw.column("timestamp")})
     elif fmt == "recbole":
         parse = pcsv.ParseOptions(delimiter="\t", quote_char=False)
         with open(path, "r") as f:
@@ -143,9 +154,9 @@ def convert(path: PathLike, out_dir: PathLike, fmt: Format = "auto") -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="u.data, ratings.dat or a RecBole .inter file")
+    p.add_argument("path", help="u.data, ratings.dat, ratings.csv or a RecBole .inter file")
     p.add_argument("--out", required=True)
-    p.add_argument("--format", default="auto", choices=["auto", "ml-100k", "ml-1m", "recbole"])
+    p.add_argument("--format", default="auto", choices=["auto", "ml-100k", "ml-1m", "ml-latest", "recbole"])
     a = p.parse_args(argv)
     try:
         print(json.dumps(convert(a.path, a.out, a.format)))

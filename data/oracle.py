@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from data.schema import PathLike, require_day
 from data.sequences import build_sequences, list_parts, sequence_files
 from data.split import eval_rows, resolve_eval_day
-from data.synth import Process, load_meta
+from data.synth import GeneratorIds, Process, load_meta
 
 
 def _probabilities(proc: Process, j: np.ndarray, z: np.ndarray, n_active: int, succ: np.ndarray,
@@ -127,8 +127,9 @@ def oracle_metrics(
 ) -> dict:
     """Bayes-optimal realised and expected HR@k / NDCG@k (and realised MRR) on the held-out day's queries.
 
-    `seq_dir`: sequences already built through the eval day (prepare_held_out's work_dir/sequences);
-    otherwise they are built with `backend` into a temporary directory under `work_dir`.
+    `seq_dir`: sequences already built through the eval day in the generator's ids (prepare_held_out's
+    work_dir/sequences of a dense log); otherwise they are built with `backend` into a temporary directory
+    under `work_dir`. Out-of-vocabulary targets are not a miss here: the oracle knows every item.
     """
     cfg, _ = load_meta(log_dir)
     proc = Process.from_config(cfg)
@@ -145,9 +146,10 @@ def oracle_metrics(
     sorted_w = np.sort(proc.weight[1 : n + 1])
     top_pop = _top_active_ids(proc, n, max(ks) + cfg.neighbours + 1)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        if seq_dir is None:
+        if seq_dir is None:  # raw ids are read back as the generator's own
             seq_dir = os.path.join(tmp, "sequences")
-            build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend)  # type: ignore[arg-type]
+            ids = GeneratorIds(cfg.raw_ids) if cfg.raw_ids != "dense" else None
+            build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend, ids=ids)  # type: ignore[arg-type]
         for path in sequence_files(seq_dir):
             q = eval_rows(pq.read_table(path), day, cfg.lag_max, min_history)
             if q.num_rows:

@@ -1,16 +1,16 @@
 """From the `data:` config to the files the trainer reads: one call, one object.
 
-    data = prepare(cfg.data, work_dir="runs/x/data", query_len=cfg.model.max_seq_len, num_items=1000)
+    data = prepare(cfg.data, work_dir="runs/x/data", query_len=cfg.model.max_seq_len)
     loader = make_loader(data.train_sequences, seq_len=..., batch_size=..., seed=...)
 
 Steps: the log (`data.path`, or the synthetic log of `data.synth` generated under work_dir and reused when
-its config is unchanged) -> sequences through the evaluation day -> training window + evaluation queries
-(held-out day), or training + validation + test queries (leave-one-out) -> training-window item counts.
+its config is unchanged) -> the vocabulary when its ids are raw (data/vocab.py) -> sequences through the
+evaluation day -> training window + evaluation queries (held-out day), or training + validation + test
+queries (leave-one-out) -> training-window item counts.
 `PreparedData` is what the workers receive (as a dict): plain paths and numbers, the same names everywhere.
 """
 
 import dataclasses
-import datetime as dt
 import json
 import os
 import shutil
@@ -18,13 +18,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from data.config import DataConfig
 from data.schema import LogError, PathLike, SkipReport, list_days
-from data.sequences import build_sequences
-from data.split import leave_one_out, prepare_held_out
-from data.stats import item_counts, sequence_item_counts, window_days
+from data.sequences import build_sequences, sequence_files
+from data.split import leave_one_out, prepare_held_out, resolve_eval_day
+from data.stats import item_counts, num_items, sequence_item_counts, window_days
 from data.synth import META, generate
+from data.vocab import build_vocabulary, needs_vocabulary
 
 COUNTS_FILE = "item_counts.npy"
 
@@ -38,11 +41,15 @@ class PreparedData:
     valid_queries: Optional[str]  # leave-one-out validation queries (model selection); None for held-out day
     eval_day: Optional[str]  # YYYY-MM-DD; None for leave-one-out
     item_counts: str  # .npy of (num_items + 1,) int64 training-window events per item id
+    num_items: int  # items of the data: the vocabulary's size, or a dense log's largest id
     num_train_users: int
     num_eval_queries: int
     num_valid_queries: int
     synthetic: bool
     skipped: dict[str, Any] = field(default_factory=dict)  # rows skipped while counting (SkipReport.to_dict)
+    vocab: Optional[str] = None  # the vocabulary's directory (data/vocab.py); None: dense ids as they are
+    vocab_summary: Optional[dict[str, Any]] = None
+    oov_eval_targets: int = 0  # evaluation (test) targets outside the vocabulary: each one a miss
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,40 +74,57 @@ def synthetic_log(cfg: DataConfig, work_dir: PathLike) -> str:
     return generate(cfg.synth, log_dir)
 
 
-def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, num_items: int,
-            eval_day: Optional[str] = None) -> PreparedData:
-    """Build (or rebuild) sequences, the split (cfg.split) and the item counts under work_dir.
-    `num_items`: the item table's size; a larger id in the log is a LogError."""
+def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optional[str] = None) -> PreparedData:
+    """Build (or rebuild) the vocabulary when the ids need one, sequences, the split (cfg.split) and the item
+    counts under work_dir."""
     work_dir = os.fspath(work_dir)
     synthetic = not cfg.path
     log_dir = synthetic_log(cfg, work_dir) if synthetic else cfg.path
     seq_dir = os.path.join(work_dir, "sequences")
+    loo = cfg.split == "leave_one_out"
+    day = None if loo else resolve_eval_day(log_dir, eval_day or cfg.eval_day)
+    window = None if day is None else window_days(day, cfg.train_days, list_days(log_dir))
+    vocab = vocab_dir = ids = None
+    if needs_vocabulary(log_dir, cfg.vocab):
+        vocab = build_vocabulary(log_dir, window, cfg.vocab, max_bad_fraction=cfg.max_bad_fraction,
+                                 backend=cfg.backend)
+        vocab_dir = vocab.save(os.path.join(work_dir, "vocab"))
+        ids = vocab.id_map()
+    items = vocab.num_items if vocab is not None else num_items(log_dir)
+    oov = ids.oov if ids is not None else 0
     skipped = SkipReport()
-    if cfg.split == "leave_one_out":
+    if loo:
         build_sequences(log_dir, seq_dir, backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction,
-                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True)
-        split = leave_one_out(seq_dir, os.path.join(work_dir, "loo"), query_len, backend=cfg.backend, overwrite=True)
+                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True, ids=ids)
+        split = leave_one_out(seq_dir, os.path.join(work_dir, "loo"), query_len, backend=cfg.backend, overwrite=True,
+                              oov=oov)
         if split.num_queries["test"] == 0:
             raise LogError(log_dir, "leave-one-out needs users with at least 3 events; the log has none")
-        counts = sequence_item_counts(split.train_sequences, num_items)  # no held-out target is counted
-        day = None
+        counts = sequence_item_counts(split.train_sequences, items)  # no held-out target is counted
         test, valid = split.queries["test"], split.queries["valid"]
     else:
         split = prepare_held_out(
-            log_dir, work_dir, query_len, eval_day=eval_day or cfg.eval_day, train_days=cfg.train_days,
-            min_history=cfg.min_history, backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction,
-            rows_per_bucket=cfg.rows_per_bucket, overwrite=True,
+            log_dir, work_dir, query_len, eval_day=day, train_days=cfg.train_days, min_history=cfg.min_history,
+            backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction, rows_per_bucket=cfg.rows_per_bucket,
+            overwrite=True, ids=ids,
         )
-        day = split.eval_day
-        days = window_days(day, cfg.train_days, list_days(log_dir))
-        counts = item_counts(log_dir, days, num_items, max_bad_fraction=cfg.max_bad_fraction, report=skipped)
+        counts = vocab.counts() if vocab is not None else item_counts(
+            log_dir, window, items, max_bad_fraction=cfg.max_bad_fraction, report=skipped)
         test, valid = split.queries["eval"], None
     counts_path = os.path.join(work_dir, COUNTS_FILE)
     np.save(counts_path, counts)
     return PreparedData(
         log_dir=os.fspath(log_dir), sequences=seq_dir, train_sequences=split.train_sequences, eval_queries=test,
-        valid_queries=valid, eval_day=day.isoformat() if isinstance(day, dt.date) else None,
-        item_counts=counts_path, num_train_users=split.num_train_users,
-        num_eval_queries=split.num_queries["test" if valid else "eval"],
+        valid_queries=valid, eval_day=day.isoformat() if day is not None else None,
+        item_counts=counts_path, num_items=items, num_train_users=split.num_train_users,
+        num_eval_queries=split.num_queries["test" if loo else "eval"],
         num_valid_queries=split.num_queries.get("valid", 0), synthetic=synthetic, skipped=skipped.to_dict(),
+        vocab=vocab_dir, vocab_summary=vocab.summary() if vocab is not None else None,
+        oov_eval_targets=count_target(test, oov) if oov else 0,
     )
+
+
+def count_target(queries: str, item: int) -> int:
+    """Queries of a directory whose target is `item`."""
+    return sum(int(pc.sum(pc.equal(pq.read_table(p, columns=["target"]).column("target"), item)).as_py() or 0)
+               for p in sequence_files(queries))

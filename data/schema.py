@@ -14,7 +14,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +72,18 @@ class SkipReport:
 
     def to_dict(self) -> dict:
         return {"rows_read": self.rows_read, "rows_skipped": self.rows_skipped, "by_reason": dict(self.by_reason)}
+
+
+class IdMapper(Protocol):
+    """Raw ids -> dense int64 ids (data.vocab.IdMap): applied to every batch after validation. Items outside
+    the vocabulary map to the row `oov`."""
+
+    @property
+    def oov(self) -> int: ...
+
+    def items(self, raw: pa.Array) -> pa.Array: ...
+
+    def users(self, raw: pa.Array) -> pa.Array: ...
 
 
 class LogFile(NamedTuple):
@@ -138,7 +150,7 @@ def list_files(
 
 def count_rows(files: Sequence[LogFile]) -> int:
     """Total rows from the Parquet footers (no data read)."""
-    return sum(open_file(f.path).metadata.num_rows for f in files)
+    return sum(open_file(f.path, raw_ids=True).metadata.num_rows for f in files)
 
 
 def require_day(log_dir: PathLike, day: DayLike) -> None:
@@ -154,24 +166,33 @@ def require_day(log_dir: PathLike, day: DayLike) -> None:
 # ---------------------------------------------------------------- one file
 
 
-def open_file(path: str) -> pq.ParquetFile:
+def open_file(path: str, raw_ids: bool = False) -> pq.ParquetFile:
     """Open and check the schema; a LogError for anything that is not a usable log file."""
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise LogError(path, f"not a readable Parquet file (truncated or another format): {e}") from None
-    check_schema(pf.schema_arrow, path)
+    check_schema(pf.schema_arrow, path, raw_ids)
     return pf
 
 
-def check_schema(schema: pa.Schema, path: str) -> None:
+def is_raw_id_type(t: pa.DataType) -> bool:
+    """Types a raw id may have: any integer, or a string."""
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def check_schema(schema: pa.Schema, path: str, raw_ids: bool = False) -> None:
+    """`raw_ids`: ids may be any integers or strings (the vocabulary maps them); else integers >= 0 / >= 1."""
     for name in (USER, ITEM, TS):
         if name not in schema.names:
             raise LogError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
     for name in (USER, ITEM):
         t = schema.field(name).type
-        if not pa.types.is_integer(t):
-            raise LogError(path, f"column '{name}' has type {t}, expected an integer type (int64)")
+        if raw_ids and not is_raw_id_type(t):
+            raise LogError(path, f"column '{name}' has type {t}, expected integer or string ids")
+        if not raw_ids and not pa.types.is_integer(t):
+            hint = "; string ids need the vocabulary stage (data.vocab.build)" if is_raw_id_type(t) else ""
+            raise LogError(path, f"column '{name}' has type {t}, expected an integer type (int64){hint}")
     t = schema.field(TS).type
     if not pa.types.is_timestamp(t):
         raise LogError(path, f"column 'ts' has type {t}, expected timestamp with tz=UTC")
@@ -179,10 +200,10 @@ def check_schema(schema: pa.Schema, path: str) -> None:
         raise LogError(path, f"column 'ts' has type {t}; timestamps must be in UTC (tz='UTC'), not {t.tz!r}")
 
 
-def _normalise(batch: pa.RecordBatch, path: str) -> pa.Table:
-    """ids to int64, ts to timestamp[us, UTC]; extra columns untouched."""
+def _normalise(batch: pa.RecordBatch, path: str, raw_ids: bool = False) -> pa.Table:
+    """ids to int64 (raw ids stay as they are), ts to timestamp[us, UTC]; extra columns untouched."""
     table = pa.Table.from_batches([batch])
-    for name in (USER, ITEM):
+    for name in () if raw_ids else (USER, ITEM):
         col = table.column(name)
         if col.type != pa.int64():
             try:
@@ -200,9 +221,21 @@ def _normalise(batch: pa.RecordBatch, path: str) -> pa.Table:
 _REASONS = ("null value", "negative user_id", "item_id <= 0 (0 is padding)", "ts outside its day partition")
 
 
-def _bad_rows(table: pa.Table, lo_us: int) -> tuple[Optional[np.ndarray], Counter]:
-    """Mask of rows to keep (None: all good) and counts by first failing reason."""
+def _bad_rows(table: pa.Table, lo_us: int, raw_ids: bool = False) -> tuple[Optional[np.ndarray], Counter]:
+    """Mask of rows to keep (None: all good) and counts by first failing reason. Raw ids are only checked for
+    nulls (any value is an id)."""
     user, item, ts = table.column(USER), table.column(ITEM), table.column(TS)
+    if raw_ids:
+        if table.num_rows == 0:
+            return None, Counter()
+        null = np.zeros(table.num_rows, bool)
+        for col in (user, item, ts):
+            if col.null_count:
+                null |= col.is_null().to_numpy(zero_copy_only=False)
+        t = pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False)
+        no = np.zeros(table.num_rows, bool)
+        with np.errstate(invalid="ignore"):
+            return _tally(table.num_rows, [null, no, no, (t < lo_us) | (t >= lo_us + DAY_US)])
     nulls = user.null_count + item.null_count + ts.null_count
     if table.num_rows == 0:
         return None, Counter()
@@ -223,7 +256,12 @@ def _bad_rows(table: pa.Table, lo_us: int) -> tuple[Optional[np.ndarray], Counte
             null |= col.is_null().to_numpy(zero_copy_only=False)
     with np.errstate(invalid="ignore"):
         checks = [null, u < 0, i <= 0, (t < lo_us) | (t >= lo_us + DAY_US)]
-    bad = np.zeros(table.num_rows, bool)
+    return _tally(table.num_rows, checks)
+
+
+def _tally(num_rows: int, checks: list) -> tuple[Optional[np.ndarray], Counter]:
+    """Keep-mask and counts, each row under its first failing check."""
+    bad = np.zeros(num_rows, bool)
     counts: Counter = Counter()
     for reason, mask in zip(_REASONS, checks):
         new = mask & ~bad  # each row counted once, under its first failing reason
@@ -240,13 +278,17 @@ def iter_file(
     report: SkipReport,
     columns: Optional[Sequence[str]] = None,
     batch_rows: int = 1 << 20,
+    raw_ids: bool = False,
+    ids: Optional[IdMapper] = None,
 ) -> Iterator[pa.Table]:
     """Stream one file's valid rows (row group by row group), normalised to LOG_SCHEMA types.
 
     Bad rows are skipped and counted in `report`; once they exceed `max_bad_fraction` of the file's rows
-    the file stops the job with a LogError.
+    the file stops the job with a LogError. `raw_ids`: ids as they are (integers or strings), checked for
+    nulls only; `ids`: raw ids mapped to dense int64 ones after validation (implies raw_ids).
     """
-    pf = open_file(f.path)
+    raw_ids = raw_ids or ids is not None
+    pf = open_file(f.path, raw_ids)
     total = pf.metadata.num_rows
     allowed = int(max_bad_fraction * total)
     lo = day_start_us(f.day)
@@ -255,8 +297,8 @@ def iter_file(
     try:
         batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
         for batch in batches:
-            table = _normalise(batch, f.path)
-            keep, counts = _bad_rows(table, lo)
+            table = _normalise(batch, f.path, raw_ids)
+            keep, counts = _bad_rows(table, lo, raw_ids)
             if counts:
                 skipped.update(counts)
                 if sum(skipped.values()) > allowed:
@@ -267,10 +309,22 @@ def iter_file(
                         f" (partition day={f.day.isoformat()})",
                     )
                 table = table.filter(pa.array(keep))
+            if ids is not None:
+                table = _map_ids(table, ids, f.path)
             yield table
     except (pa.ArrowInvalid, OSError) as e:
         raise LogError(f.path, f"corrupt Parquet data: {e}") from None
     report.add(f.path, dict(skipped), total)
+
+
+def _map_ids(table: pa.Table, ids: IdMapper, path: str) -> pa.Table:
+    for name, fn in ((ITEM, ids.items), (USER, ids.users)):
+        try:
+            col = fn(table.column(name).combine_chunks())
+        except LogError as e:
+            raise LogError(path, e.problem) from None
+        table = table.set_column(table.schema.get_field_index(name), name, col.cast(pa.int64()))
+    return table
 
 
 def ts_from_seconds(seconds: Iterable[float]) -> pa.Array:

@@ -30,6 +30,7 @@ from data.schema import (
     TS_TYPE,
     USER,
     DayLike,
+    IdMapper,
     LogError,
     LogFile,
     PathLike,
@@ -82,10 +83,12 @@ def build_sequences(
     max_bad_fraction: float = 0.001,
     rows_per_bucket: int = 2_000_000,
     overwrite: bool = False,
+    ids: Optional[IdMapper] = None,
 ) -> SequenceStats:
     """Sequences of the events on days in [start_day, cutoff_day) (None: unbounded), written to `out_dir`.
 
-    `cutoff_day` is exclusive: cutoff_day=D keeps the days before D.
+    `cutoff_day` is exclusive: cutoff_day=D keeps the days before D. `ids`: the vocabulary's map from raw to
+    dense ids (data/vocab.py), applied as the log is read; None for a log of dense integer ids.
     """
     out_dir = os.fspath(out_dir)
     prepare_out(out_dir, overwrite)
@@ -93,9 +96,9 @@ def build_sequences(
     if not files:
         raise LogError(log_dir, f"no day partitions in [{start_day or 'start'}, {cutoff_day or 'end'})")
     if backend == "arrow":
-        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket)
+        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket, ids)
     if backend == "ray":
-        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket)
+        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket, ids)
     raise ValueError(f"backend must be 'ray' or 'arrow', got {backend!r}")
 
 
@@ -109,10 +112,11 @@ def prepare_out(out_dir: str, overwrite: bool) -> str:
     return out_dir
 
 
-def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_shard: int) -> SequenceStats:
+def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_shard: int,
+                 ids: Optional[IdMapper]) -> SequenceStats:
     report = SkipReport()
-    parts = [t.select([USER, ITEM, TS]) for f in files for t in iter_file(f, max_bad_fraction=max_bad_fraction,
-                                                                          report=report, columns=[])]
+    parts = [t.select([USER, ITEM, TS]) for f in files
+             for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids)]
     events = pa.concat_tables(parts).combine_chunks() if parts else LOG_SCHEMA.empty_table()
     seqs = events_to_sequences(events)
     # Shards of about rows_per_shard events, cut between users.
@@ -134,12 +138,13 @@ def _bucket_of(user: np.ndarray, num_buckets: int) -> np.ndarray:
     return ((h >> np.uint64(33)) % np.uint64(num_buckets)).astype(np.int64)
 
 
-def _read_files(batch: dict, num_buckets: int, max_bad_fraction: float, counter) -> Iterator[pa.Table]:
+def _read_files(batch: dict, num_buckets: int, max_bad_fraction: float, counter,
+                ids: Optional[IdMapper]) -> Iterator[pa.Table]:
     """Ray map task: validate and stream each file, tagging every event with its user's bucket."""
     for path, day in zip(batch["path"], batch["day"]):
         report = SkipReport()
         f = LogFile(dt.date.fromisoformat(str(day)), str(path))
-        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[]):
+        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids):
             t = t.select([USER, ITEM, TS])
             yield t.append_column("bucket", pa.array(_bucket_of(t.column(USER).to_numpy(), num_buckets)))
         if report.rows_skipped:
@@ -162,7 +167,8 @@ def _shuffle_strategy(read_tasks: int, num_buckets: int):
     return ShuffleStrategy.HASH_SHUFFLE  # aggregator actors: memory linear in tasks + buckets
 
 
-def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int) -> SequenceStats:
+def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int,
+               ids: Optional[IdMapper]) -> SequenceStats:
     ensure_ray()
     rows = count_rows(files)  # footers only; sizes the shuffle
     num_buckets = max(1, math.ceil(rows / rows_per_bucket))
@@ -178,7 +184,8 @@ def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows
         _read_files,
         batch_size=files_per_task,
         batch_format="numpy",
-        fn_kwargs={"num_buckets": num_buckets, "max_bad_fraction": max_bad_fraction, "counter": counter},
+        fn_kwargs={"num_buckets": num_buckets, "max_bad_fraction": max_bad_fraction, "counter": counter,
+                   "ids": ids},
     )
     ds = ds.groupby("bucket", num_partitions=num_buckets).map_groups(_bucket_to_sequences, batch_format="pyarrow")
     try:

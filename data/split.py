@@ -31,6 +31,7 @@ from data.schema import (
     TS_TYPE,
     USER,
     DayLike,
+    IdMapper,
     LogError,
     PathLike,
     day_start_us,
@@ -175,8 +176,43 @@ def loo_rows(seqs: pa.Table, part: LooPart, query_len: int) -> pa.Table:
 Backend = Literal["ray", "arrow"]
 
 
-def _apply(seq_dir: PathLike, out_dir: str, fn, backend: Backend, **kwargs) -> int:
-    """Write fn(batch, **kwargs) for every sequence shard to out_dir; returns rows written."""
+def drop_item(table: pa.Table, item: int) -> pa.Table:
+    """Remove `item` (the out-of-vocabulary row) from a split's lists: the events of a sequence table (rows
+    left empty are dropped), or a query's history, day and seen items (its target stays: a miss)."""
+    if "item_ids" in table.column_names:
+        off, items = list_parts(table.column("item_ids"))
+        _, ts = list_parts(table.column(TS))
+        keep = items != item
+        row = np.repeat(np.arange(table.num_rows), np.diff(off))
+        counts = np.bincount(row[keep], minlength=table.num_rows)
+        new_off = np.concatenate([[0], np.cumsum(counts[counts > 0])])
+        return pa.table({USER: table.column(USER).filter(pa.array(counts > 0)),
+                         "item_ids": make_list(new_off, items[keep]), TS: make_list(new_off, ts[keep], TS_TYPE)},
+                        schema=SEQ_SCHEMA)
+    for name in ("history", "day_items", "seen_items"):
+        off, items = list_parts(table.column(name))
+        keep = items != item
+        row = np.repeat(np.arange(table.num_rows), np.diff(off))
+        new_off = np.concatenate([[0], np.cumsum(np.bincount(row[keep], minlength=table.num_rows))])
+        table = table.set_column(table.schema.get_field_index(name), name, make_list(new_off, items[keep]))
+    return table
+
+
+def _without(fn, oov: int):
+    """fn's rows with the out-of-vocabulary row removed (oov 0: no vocabulary, fn itself)."""
+    if not oov:
+        return fn
+
+    def rows(batch: pa.Table, **kwargs) -> pa.Table:
+        return drop_item(fn(batch, **kwargs), oov)
+
+    return rows
+
+
+def _apply(seq_dir: PathLike, out_dir: str, fn, backend: Backend, oov: int = 0, **kwargs) -> int:
+    """Write fn(batch, **kwargs) for every sequence shard to out_dir, less item `oov` (when not 0); returns
+    rows written."""
+    fn = _without(fn, oov)
     files = sequence_files(seq_dir)
     if backend == "arrow":
         rows = 0
@@ -207,17 +243,20 @@ def held_out_day_split(
     min_history: int = 1,
     backend: Backend = "arrow",
     overwrite: bool = False,
+    oov: int = 0,
 ) -> SplitResult:
     """Split sequences built through `eval_day` (build_sequences(cutoff_day=eval_day + 1 day)).
 
-    Writes out_dir/train (sequences of the training window) and out_dir/eval (queries).
+    Writes out_dir/train (sequences of the training window) and out_dir/eval (queries). `oov`: the
+    out-of-vocabulary row, removed from training sequences and query histories (0: none).
     """
     out_dir = os.fspath(out_dir)
     day = to_date(eval_day)
     train_dir = prepare_out(os.path.join(out_dir, "train"), overwrite)
     eval_dir = prepare_out(os.path.join(out_dir, "eval"), overwrite)
-    n_train = _apply(seq_dir, train_dir, train_rows, backend, eval_day=day, train_days=train_days)
-    n_eval = _apply(seq_dir, eval_dir, eval_rows, backend, eval_day=day, query_len=query_len, min_history=min_history)
+    n_train = _apply(seq_dir, train_dir, train_rows, backend, oov, eval_day=day, train_days=train_days)
+    n_eval = _apply(seq_dir, eval_dir, eval_rows, backend, oov, eval_day=day, query_len=query_len,
+                    min_history=min_history)
     if n_eval == 0:
         raise LogError(
             seq_dir,
@@ -228,12 +267,14 @@ def held_out_day_split(
 
 
 def leave_one_out(
-    seq_dir: PathLike, out_dir: PathLike, query_len: int, *, backend: Backend = "arrow", overwrite: bool = False
+    seq_dir: PathLike, out_dir: PathLike, query_len: int, *, backend: Backend = "arrow", overwrite: bool = False,
+    oov: int = 0,
 ) -> SplitResult:
     """Writes out_dir/train (sequences minus the last two events), out_dir/valid and out_dir/test (queries)."""
     out_dir = os.fspath(out_dir)
     dirs = {part: prepare_out(os.path.join(out_dir, part), overwrite) for part in ("train", "valid", "test")}
-    counts = {part: _apply(seq_dir, d, loo_rows, backend, part=part, query_len=query_len) for part, d in dirs.items()}
+    counts = {part: _apply(seq_dir, d, loo_rows, backend, oov, part=part, query_len=query_len)
+              for part, d in dirs.items()}
     return SplitResult(dirs["train"], {"valid": dirs["valid"], "test": dirs["test"]}, counts["train"],
                        {"valid": counts["valid"], "test": counts["test"]})
 
@@ -269,12 +310,14 @@ def prepare_held_out(
     max_bad_fraction: float = 0.001,
     rows_per_bucket: int = 2_000_000,
     overwrite: bool = False,
+    ids: Optional[IdMapper] = None,
 ) -> SplitResult:
-    """Log -> work_dir/sequences (through eval day) -> work_dir/train + work_dir/eval."""
+    """Log -> work_dir/sequences (through eval day) -> work_dir/train + work_dir/eval. `ids`: the vocabulary's
+    raw -> dense map (None: dense integer ids)."""
     day = resolve_eval_day(log_dir, eval_day)
     require_day(log_dir, day)
     seq_dir = os.path.join(os.fspath(work_dir), "sequences")
     build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend, max_bad_fraction=max_bad_fraction,
-                    rows_per_bucket=rows_per_bucket, overwrite=overwrite)
+                    rows_per_bucket=rows_per_bucket, overwrite=overwrite, ids=ids)
     return held_out_day_split(seq_dir, work_dir, day, query_len, train_days=train_days, min_history=min_history,
-                              backend=backend, overwrite=overwrite)
+                              backend=backend, overwrite=overwrite, oov=ids.oov if ids is not None else 0)

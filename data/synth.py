@@ -31,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.config import SynthConfig
@@ -50,6 +51,55 @@ def mix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
+
+
+# Hashed raw ids: a bijection of 1..2^40 into positive int64, x -> ((x ^ K) * A) mod 2^63 (A odd), so the
+# oracle can map them back exactly.
+_RAW_K, _RAW_A, _RAW_MASK = 0x2545F4914F6CDD1D, 0x9E3779B97F4A7C15, (1 << 63) - 1
+_RAW_A_INV = pow(_RAW_A, -1, 1 << 63)
+
+
+def hashed_ids(ids: np.ndarray) -> np.ndarray:
+    x = np.asarray(ids, np.uint64) ^ np.uint64(_RAW_K)
+    return ((x * np.uint64(_RAW_A)) & np.uint64(_RAW_MASK)).astype(np.int64)
+
+
+def unhashed_ids(raw: np.ndarray) -> np.ndarray:
+    x = (np.asarray(raw, np.int64).astype(np.uint64) * np.uint64(_RAW_A_INV)) & np.uint64(_RAW_MASK)
+    return (x ^ np.uint64(_RAW_K)).astype(np.int64)
+
+
+def raw_ids(ids: np.ndarray, kind: str, prefix: str) -> pa.Array:
+    """Generator ids as the log writes them (data.synth.raw_ids)."""
+    if kind == "hashed":
+        return pa.array(hashed_ids(ids))
+    if kind == "string":
+        return pc.binary_join_element_wise(prefix, pa.array(ids).cast(pa.string()), "")
+    return pa.array(np.asarray(ids, np.int64))
+
+
+@dataclass
+class GeneratorIds:
+    """Raw ids of a synthetic log -> the generator's own ids (a data.schema.IdMapper for the oracle)."""
+
+    kind: str
+    oov: int = 0  # every raw id has a generator id
+
+    def _back(self, raw: pa.Array, prefix: str) -> pa.Array:
+        if self.kind == "hashed":
+            return pa.array(unhashed_ids(raw.to_numpy(zero_copy_only=False)))
+        if self.kind == "string":
+            return pc.utf8_slice_codeunits(raw, len(prefix)).cast(pa.int64())
+        return raw.cast(pa.int64())
+
+    def items(self, raw: pa.Array) -> pa.Array:
+        return self._back(raw, ITEM_PREFIX)
+
+    def users(self, raw: pa.Array) -> pa.Array:
+        return self._back(raw, USER_PREFIX)
+
+
+ITEM_PREFIX, USER_PREFIX = "sku-", "user-"
 
 
 def _unit(h: np.ndarray) -> np.ndarray:
@@ -187,8 +237,8 @@ def generate_chunk(proc: Process, chunk: int, out_dir: str) -> int:
     item, src = _items(proc, rng, users, counts, day)
     table = pa.table(
         {
-            "user_id": np.repeat(users, counts),
-            "item_id": item,
+            "user_id": raw_ids(np.repeat(users, counts), cfg.raw_ids, USER_PREFIX),
+            "item_id": raw_ids(item, cfg.raw_ids, ITEM_PREFIX),
             "ts": pa.array(ts).cast(TS_TYPE),
             "src": src,
         }

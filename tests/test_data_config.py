@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from data.config import DataConfig, SynthConfig
+from data.config import DataConfig, SynthConfig, VocabConfig
 
 BAD_DATA = {
     "path": 3,
@@ -17,12 +17,15 @@ BAD_DATA = {
     "split": "k_fold",
     "shuffle_buffer": 0,
     "rows_per_bucket": 0,
+    "vocab": 3,
 }
 BAD_SYNTH = {
     "users": 0, "items": 0, "days": 0, "seed": -1, "events_per_user": 1.0, "zipf_s": -1.0,
     "p_transition": 1.5, "p_repeat": -0.1, "neighbours": 0, "lag_min": 0, "lag_max": 0,
     "new_item_fraction": 1.0, "session_len": 0.5, "start_day": "tomorrow", "users_per_chunk": 0, "workers": -1,
+    "raw_ids": "uuid",
 }
+BAD_VOCAB = {"build": "sometimes", "min_count": 0, "max_items": -1}
 
 
 def test_every_data_field_is_checked():
@@ -37,6 +40,13 @@ def test_every_synth_field_is_checked():
     for name, value in BAD_SYNTH.items():
         with pytest.raises(ValueError, match=rf"data\.synth\.{name}"):
             SynthConfig(**{name: value})
+
+
+def test_every_vocab_field_is_checked():
+    assert set(BAD_VOCAB) == {f.name for f in dataclasses.fields(VocabConfig)}
+    for name, value in BAD_VOCAB.items():
+        with pytest.raises(ValueError, match=rf"data\.vocab\.{name}"):
+            VocabConfig(**{name: value})
 
 
 def test_mixture_must_leave_room_for_popularity():

@@ -55,6 +55,14 @@ def test_ml1m_ratings_dat(tmp_path):
     assert _expected(tmp_path, tmp_path / "log")[3] == [["51", "377"], ["51", "242", "1000"]]
 
 
+def test_ml_latest_ratings_csv(tmp_path):
+    src = tmp_path / "ratings.csv"  # ml-latest, ml-20m, ml-25m, ml-32m
+    src.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r}.5,{s}\n" for u, i, r, s in ROWS))
+    assert detect_format(str(src)) == "ml-latest"
+    convert(src, tmp_path / "log")
+    assert _expected(tmp_path, tmp_path / "log")[3] == [["51", "377"], ["51", "242", "1000"]]
+
+
 def test_recbole_inter_with_title_tokens(tmp_path):
     src = tmp_path / "ml-100k.inter"
     titles = {"242": "Kolya (1996)", "377": "Heavyweights (1994)", "51": "Legends of the Fall (1994)",

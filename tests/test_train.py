@@ -51,9 +51,14 @@ def test_end_to_end(two_workers):
     assert (ckpt / "manifests" / "rank0.json").is_file() and (ckpt / "manifests" / "rank1.json").is_file()
     assert (ckpt / "table" / ".metadata").is_file() and (ckpt / "dense").is_dir()
     # served embeddings: every item once, across both ranks' files; one row per evaluated user
-    items = pq.read_table(out / "embeddings" / "items").column("item_id").to_pylist()
-    assert sorted(items) == list(range(1, 201))
+    # the smoke config's raw string ids went through the vocabulary: every row once, with its raw id
+    num_items = results["config"]["model"]["num_items"]
+    assert results["data"]["vocab"] and num_items == results["data"]["vocab_summary"]["items"] <= 200
+    items = pq.read_table(out / "embeddings" / "items")
+    assert sorted(items.column("item_id").to_pylist()) == list(range(1, num_items + 1))
+    assert all(raw.startswith("sku-") for raw in items.column("raw_item_id").to_pylist())
     users = pq.read_table(out / "embeddings" / "users")
+    assert all(raw.startswith("user-") for raw in users.column("raw_user_id").to_pylist())
     assert users.num_rows == results["data"]["num_eval_queries"]
     assert users.schema.field("embedding").type.list_size == 16
 

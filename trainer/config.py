@@ -183,8 +183,10 @@ class Config:
                 f"debug.kill_in_save needs a checkpoint at debug.kill_at_step="
                 f"{self.debug.kill_at_step}: make it a multiple of output.checkpoint_every={every}"
             )
-        # model.num_items 0 means "from the data" (trainer/driver/launch.py sizes the table)
-        if not self.data.path and 0 < self.model.num_items < self.data.synth.items:
+        # model.num_items 0 means "from the data" (trainer/driver/launch.py sizes the table); a dense synthetic
+        # log's size is known now (raw ids go through a vocabulary, which may keep fewer items)
+        dense = self.data.synth.raw_ids == "dense" and self.data.vocab.build != "always"
+        if not self.data.path and dense and 0 < self.model.num_items < self.data.synth.items:
             raise ValueError(
                 f"data.synth.items={self.data.synth.items} exceeds model.num_items={self.model.num_items}: "
                 "the item table must hold every generated item"

@@ -14,9 +14,8 @@ import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data.prepare import prepare
+from data.prepare import PreparedData, prepare
 from data.ray_utils import ensure_ray
-from data.stats import num_items
 from trainer import storage
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
@@ -45,17 +44,16 @@ def connect_ray(cfg: Config, log_to_driver: bool = True) -> None:
     check_resources(cfg)
 
 
-def size_item_table(cfg: Config) -> None:
-    """model.num_items from the data when it is 0 (the synthetic config's items, or the log's largest id);
-    when given, it must hold every item of the log."""
-    largest = cfg.data.synth.items if not cfg.data.path else num_items(cfg.data.path)
+def size_item_table(cfg: Config, data: PreparedData) -> None:
+    """model.num_items from the data when it is 0 (the vocabulary's size, or a dense log's largest id); when
+    given, it must hold every item of the data."""
     if cfg.model.num_items == 0:
-        cfg.model.num_items = largest
-    elif largest > cfg.model.num_items:
-        where = cfg.data.path or "the synthetic log"
+        cfg.model.num_items = data.num_items
+    elif data.num_items > cfg.model.num_items:
+        what = "vocabulary size" if data.vocab else "largest item id"
         raise ValueError(
-            f"model.num_items={cfg.model.num_items} is smaller than the largest item id {largest} "
-            f"in {where}: the item table must hold every item"
+            f"model.num_items={cfg.model.num_items} is smaller than the {what} {data.num_items} "
+            f"in {cfg.data.path or data.log_dir}: the item table must hold every item"
         )
 
 
@@ -108,12 +106,6 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
         else (str(out), "output.dir to a new directory")
     if not resume and storage.exists(run_path):
         raise UserError(f"{where} holds an earlier run; pass --resume to continue it, or set {new}")
-    with user_input():  # its ValueErrors are about the config and the data
-        size_item_table(cfg)
-    if resume:
-        # refuse a corrupt or incompatible checkpoint before any worker starts
-        if check_resumable(run_path, cfg) is None:
-            console.line(f"--resume: no checkpoint in {where} yet; starting from scratch")
     out.mkdir(parents=True, exist_ok=True)
     metrics_log = out / "metrics.jsonl"
     if resume and mirror is not None and not metrics_log.exists():
@@ -126,8 +118,16 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
 
     with console.phase("data", phases, "data", cfg.data.path or "synthetic log") as note:
         # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
-        data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, cfg.model.num_items)
+        data = prepare(cfg.data, out / "data", cfg.model.max_seq_len)
         note["note"] = f"{data.num_train_users:,} training users, {data.num_eval_queries:,} evaluation queries"
+        if data.vocab_summary:
+            note["note"] += f", {data.vocab_summary['items']:,} items in the vocabulary"
+    with user_input():  # its ValueErrors are about the config and the data
+        size_item_table(cfg, data)
+    if resume:
+        # refuse a corrupt or incompatible checkpoint before any worker starts
+        if check_resumable(run_path, cfg) is None:
+            console.line(f"--resume: no checkpoint in {where} yet; starting from scratch")
     with console.phase("baselines", phases, "baselines"):
         reference = baselines(cfg, data)
 

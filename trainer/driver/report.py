@@ -51,6 +51,11 @@ def format_table(results: dict[str, Any]) -> str:
     if selection:
         lines.append(f"weights of epoch {selection['best_epoch']}, best validation {selection['select']}"
                      + (" (stopped early)" if selection["stopped_early"] else ""))
+    data = results.get("data") or {}
+    if data.get("oov_eval_targets"):
+        n, total = data["oov_eval_targets"], data["num_eval_queries"]
+        lines.append(f"{n:,} of {total:,} evaluation targets ({n / total:.1%}) are outside the vocabulary "
+                     f"({data['vocab_summary']['items']:,} items): each counts as a miss")
     tp = results.get("throughput", {})
     if tp:
         lines.append(

@@ -17,7 +17,8 @@ rank = 1 + #{items with a higher score} + #{items with an equal score and a smal
 target is in the top-k exactly when rank <= k. Ties therefore cost the target (vs. the optimistic
 "1 + strictly higher") only against smaller ids; a constant scorer ranks by id, not at 1.
 Excluded items (padding row 0 always; a query's already-seen items when asked, except its own
-target) score -inf and are never ahead of the target; in top-k lists they appear as id -1.
+target) score -inf and are never ahead of the target; in top-k lists they appear as id -1. A target outside
+the table (the vocabulary's out-of-vocabulary id) ranks after every item: a miss.
 
 Every function here is a collective: all ranks call it with the same number of batches. Query
 computation uses table lookups (also collectives), so drive the batches with `lockstep`.
@@ -112,10 +113,15 @@ def chunk_topk(scores: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, tor
     torch.topk may keep any of several items tied with the k-th value; we keep the smallest ids.
     """
     q, n = scores.shape
-    ids = torch.arange(lo, lo + n, device=scores.device).expand(q, n)
     if n <= k:
-        return order_topk(scores, ids, k)
-    kth = scores.topk(k, dim=1).values[:, -1:]  # (Q, 1)
+        return order_topk(scores, torch.arange(lo, lo + n, device=scores.device).expand(q, n), k)
+    values, cols = scores.topk(k + 1, dim=1)  # (Q, k + 1)
+    # Exact as it is unless the item after the k-th ties with it (rare with float scores): then every item at
+    # the k-th value is in, and sorting the k by (value desc, id asc) is the total order.
+    if bool((values[:, k] < values[:, k - 1]).all()):
+        return order_topk(values[:, :k], cols[:, :k] + lo, k)
+    kth = values[:, k - 1 : k]  # (Q, 1)
+    ids = torch.arange(lo, lo + n, device=scores.device).expand(q, n)
     above = scores > kth
     tied = scores == kth
     room = k - above.sum(1, keepdim=True)  # tied slots left
@@ -148,6 +154,7 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     info[:, me] = torch.tensor([b, seen_w, scorer.start, scorer.stop])
     sizes, widths, starts, stops = all_reduce(info).tolist()
     _check_tiling(starts, stops)
+    num_rows = max(stops)
     width, offset = max(widths), sum(sizes[:me])
 
     queries = all_gather_rows(batch.queries.float().to(dev), sizes)  # (Q, D)
@@ -167,6 +174,7 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     top_s: Optional[torch.Tensor] = None
     top_i: Optional[torch.Tensor] = None
     step = max(1, max_chunk_elems // max(total, 1))
+    buf = torch.empty(total, min(step, max(scorer.stop - scorer.start, 0)), device=dev)  # see _count
     for lo in range(scorer.start, scorer.stop, step):
         hi = min(lo + step, scorer.stop)
         if total == 0:
@@ -177,15 +185,27 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
         if width:
             _mask_seen(s, seen, targets, lo, hi)
         t = target_score.to(s.dtype)[:, None]  # (Q, 1)
-        ids = torch.arange(lo, hi, device=dev)[None, :]  # (1, n)
-        is_ahead = (s > t) | ((s == t) & (ids < targets[:, None]))
-        is_ahead &= ids != targets[:, None]  # never against itself (its chunk score may differ by an ulp)
-        ahead += is_ahead.sum(1)
+        ahead += _count(torch.gt, s, t, buf)
+        equal = _count(torch.eq, s, t, buf)
+        inside = (targets >= lo) & (targets < hi)  # never against itself (its chunk score may differ by an ulp)
+        if inside.any():
+            rows = inside.nonzero().squeeze(1)
+            own = s[rows, targets[rows] - lo]
+            ahead[rows] -= (own > t[rows, 0]).long()
+            equal[rows] -= (own == t[rows, 0]).long()
+        if bool((equal > 0).any()):  # other items with the target's score (rare): smaller ids first
+            tied = (equal > 0).nonzero().squeeze(1)
+            ids = torch.arange(lo, hi, device=dev)[None, :]  # (1, n)
+            ahead[tied] += ((s[tied] == t[tied]) & (ids < targets[tied, None])).sum(1)
         cs, ci = chunk_topk(s, lo, k)
         if top_s is None:
             top_s, top_i = cs.double(), ci
         else:
-            top_s, top_i = order_topk(torch.cat([top_s, cs.double()], 1), torch.cat([top_i, ci], 1), k)
+            # both lists are in (value desc, id asc) order and every id of this chunk is above the running
+            # list's: a stable sort by value alone keeps the total order
+            cat_s, cat_i = torch.cat([top_s, cs.double()], 1), torch.cat([top_i, ci], 1)
+            best = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+            top_s, top_i = cat_s.gather(1, best), cat_i.gather(1, best)
 
     # 4. combine across ranks
     all_reduce(ahead)
@@ -196,8 +216,9 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     all_s, all_i = gather_cols(local_s, world), gather_cols(local_i, world)  # (Q, W*k)
     top_s, top_i = order_topk(all_s, all_i, k)
     top_i = top_i.masked_fill(top_s == NEG_INF, -1)
+    ranks = torch.where(targets >= num_rows, num_rows, 1 + ahead)  # out of vocabulary: after every item
     mine = slice(offset, offset + b)
-    return RankResult(ranks=1 + ahead[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
+    return RankResult(ranks=ranks[mine], topk_ids=top_i[mine], topk_scores=top_s[mine])
 
 
 def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.device) -> torch.Tensor:
@@ -205,6 +226,15 @@ def _pad_cols(x: Optional[torch.Tensor], rows: int, width: int, device: torch.de
     if x is not None and x.numel():
         out[:, : x.shape[1]] = x
     return out
+
+
+def _count(compare, s: torch.Tensor, t: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """(Q, n) scores, (Q, 1) thresholds -> (Q,) int64 count of compare(s, t) per row (torch.gt, torch.eq). The
+    comparison is written as 0/1 into a float buffer and summed: several times faster on CPU than summing a
+    bool tensor or count_nonzero, and exact (a chunk holds at most 2^24 scores)."""
+    out = buf[:, : s.shape[1]]
+    compare(s, t, out=out)
+    return out.sum(1).long()
 
 
 def _check_tiling(starts: list[int], stops: list[int]) -> None:

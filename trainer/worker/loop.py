@@ -24,6 +24,7 @@ from data.loader import make_loader
 from data.prepare import PreparedData
 from data.sequences import sequence_files
 from data.shards import RowShard
+from data.vocab import Vocabulary
 from trainer.config import Config, from_dict
 from trainer.distributed.collectives import lockstep
 from trainer.distributed.context import DistContext
@@ -222,7 +223,8 @@ class Trainer:
 
     def export(self, scorer: EmbeddingScorer, users: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Item embeddings (this rank's rows) and held-out-day user embeddings, as Parquet for serving:
-        OUT/embeddings/{items,users}/rank{r}.parquet with columns (item_id|user_id, embedding)."""
+        OUT/embeddings/{items,users}/rank{r}.parquet with columns (item_id|user_id, embedding), plus
+        raw_item_id|raw_user_id (the log's own ids) when a vocabulary mapped them."""
         root = Path(self.cfg.output.dir).resolve() / "embeddings"
         ids = np.arange(scorer.start, scorer.stop)
         keep = ids != 0  # row 0 is padding
@@ -233,11 +235,14 @@ class Trainer:
             "items": ("item_id", ids[keep], scorer.weight.cpu().numpy()[keep]),
             "users": ("user_id", user_ids, user_vecs),
         }
+        vocab = Vocabulary.load(self.data.vocab) if self.data.vocab else None
         for name, (key, keys, vecs) in tables.items():
             (root / name).mkdir(parents=True, exist_ok=True)
             flat = pa.array(vecs.astype(np.float32).reshape(-1))
-            table = pa.table({key: pa.array(keys, pa.int64()),
-                              "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
+            columns = {key: pa.array(keys, pa.int64())}
+            if vocab is not None:
+                columns["raw_" + key] = vocab.raw_items(keys) if name == "items" else vocab.raw_users(keys)
+            table = pa.table({**columns, "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)})
             pq.write_table(table, root / name / f"rank{self.ctx.rank}.parquet")
 
     # ------------------------------------------------------------------ the whole job
