@@ -98,6 +98,7 @@ BREAKS = [_missing_column, _mistyped_column, _truncated, _not_parquet, _bad_part
 CASES = [(brk, "arrow") for brk in BREAKS] + [(_missing_column, "ray"), (_truncated, "ray")]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("brk,backend", CASES, ids=lambda x: x if isinstance(x, str) else x.__name__.strip("_"))
 def test_malformed_log_is_one_error_line(tmp_path, brk, backend):
     path, problem = brk(_log(tmp_path))
@@ -106,6 +107,7 @@ def test_malformed_log_is_one_error_line(tmp_path, brk, backend):
                   f"data.backend={backend}", f"output.dir={out}")
     _assert_user_error(proc, str(path), problem, out=out)
 
+@pytest.mark.cli
 
 def test_empty_evaluation_day_is_one_error_line_and_dates_work_on_the_command_line(tmp_path):
     log = _log(tmp_path)
@@ -115,6 +117,7 @@ def test_empty_evaluation_day_is_one_error_line_and_dates_work_on_the_command_li
                   "data.backend=arrow", f"output.dir={out}")
     _assert_user_error(proc, "day=2026-01-07", "no events on evaluation day 2026-01-07", out=out)
 
+@pytest.mark.cli
 
 def test_missing_data_path_is_one_error_line(tmp_path):
     out = tmp_path / "out"
@@ -122,6 +125,7 @@ def test_missing_data_path_is_one_error_line(tmp_path):
     _assert_user_error(proc, str(tmp_path / "nowhere"), "log directory does not exist", out=out)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args,names", [
     (["model.kernal_size=3"], ["unknown key model.kernal_size"]),
     (["training.lr=fast"], ["training.lr", "'fast'"]),
@@ -134,12 +138,14 @@ def test_bad_config_is_one_error_line(args, names):
         args = ["--config", "configs/smoke.yaml", *args]
     _assert_user_error(_train(*args), *names)
 
+@pytest.mark.cli
 
 def test_unwritable_output_dir_is_one_error_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     _assert_user_error(_train("--config", "configs/smoke.yaml", f"output.dir={tmp_path / 'a-file' / 'out'}"),
                        f"output.dir={tmp_path / 'a-file' / 'out'}", "cannot write")
 
+@pytest.mark.cli
 
 def test_earlier_run_without_resume_is_one_error_line(tmp_path):
     out = tmp_path / "out"
@@ -147,6 +153,7 @@ def test_earlier_run_without_resume_is_one_error_line(tmp_path):
     proc = _train("--config", "configs/smoke.yaml", f"output.dir={out}")
     _assert_user_error(proc, str(out), "holds an earlier run", "--resume", out=out)
 
+@pytest.mark.cli
 
 def test_corrupt_checkpoint_on_resume_is_one_error_line(tmp_path):
     out = tmp_path / "out"
@@ -154,9 +161,11 @@ def test_corrupt_checkpoint_on_resume_is_one_error_line(tmp_path):
     (run_dir / "checkpoint_x").mkdir(parents=True)  # registered, but without meta.json
     (run_dir / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_x"}}))
-    proc = _train("--config", "configs/smoke.yaml", f"output.dir={out}", "--resume")
+    proc = _train("--config", "configs/smoke.yaml", *FAST, "data.synth.users=60", "data.backend=arrow",
+                  f"output.dir={out}", "--resume")  # the check follows the (small) data stage
     _assert_user_error(proc, str(run_dir / "checkpoint_x"), "meta.json", out=out)
 
+@pytest.mark.cli
 
 def test_more_workers_than_cpus_is_one_error_line(tmp_path):
     out = tmp_path / "out"

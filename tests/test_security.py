@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 STARTS = {
@@ -43,6 +45,7 @@ def report(who):
 """ + "".join(f"{code}\nreport({who!r})\n" for who, code in STARTS.items())
 
 
+@pytest.mark.cli
 def test_local_ray_instances_listen_on_loopback_only():
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
