@@ -10,7 +10,6 @@ optimizers as the stack. Reported: events/s (target positions per second) of eac
 """
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -23,6 +22,7 @@ import torch
 from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from benchmarks.results import write_result
 from data import synth
 from data.loader import WindowLoader
 from data.sequences import build_sequences
@@ -129,10 +129,7 @@ def main() -> None:
         "target": ">= 0.8",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

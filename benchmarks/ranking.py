@@ -9,15 +9,14 @@ chunk (no exact rank, no tie rule, no exclusion), which is the floor. Reported: 
 """
 
 import argparse
-import json
 import os
 import platform
 import subprocess
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.results import write_result
 from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
 
 CHUNK_ELEMS = 1 << 24  # evaluate's default: scores per chunk
@@ -81,10 +80,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"), "load_average_before": [round(x, 2) for x in load],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result(result, a.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from data.sequences import build_sequences, sequence_files
 from data.split import leave_one_out, prepare_held_out, resolve_eval_day
 from data.stats import item_counts, num_items, sequence_item_counts, window_days
 from data.synth import META, generate
-from data.vocab import build_vocabulary, needs_vocabulary
+from data.vocab import build_vocabulary, id_types, needs_vocabulary
 
 COUNTS_FILE = "item_counts.npy"
 
@@ -85,9 +85,10 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
     day = None if loo else resolve_eval_day(log_dir, eval_day or cfg.eval_day)
     window = None if day is None else window_days(day, cfg.train_days, list_days(log_dir))
     vocab = vocab_dir = ids = None
-    if needs_vocabulary(log_dir, cfg.vocab):
+    types = id_types(log_dir)  # one pass over the footers, for both decisions
+    if needs_vocabulary(log_dir, cfg.vocab, types):
         vocab = build_vocabulary(log_dir, window, cfg.vocab, max_bad_fraction=cfg.max_bad_fraction,
-                                 backend=cfg.backend)
+                                 backend=cfg.backend, user_type=types[0])
         vocab_dir = vocab.save(os.path.join(work_dir, "vocab"))
         ids = vocab.id_map()
     items = vocab.num_items if vocab is not None else num_items(log_dir)

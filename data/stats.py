@@ -64,8 +64,8 @@ def window_days(eval_day: DayLike, train_days: int, log_days: Iterable[dt.date])
 def num_items(log_dir: PathLike) -> int:
     """The largest item id of a log (model.num_items must be at least this).
 
-    From `_synth.json` / `_movielens.json` when present, else from the Parquet row-group statistics (footers
-    only, no data read); a file without statistics is scanned.
+    From `_synth.json` (a log of dense generator ids) / `_movielens.json` when present, else from the Parquet
+    row-group statistics (footers only, no data read); a file without statistics is scanned.
     """
     root = os.fspath(log_dir)
     for meta, key in (("_synth.json", ("config", "items")), ("_movielens.json", ("items",))):
@@ -73,6 +73,8 @@ def num_items(log_dir: PathLike) -> int:
         if os.path.isfile(path):
             with open(path) as f:
                 value = json.load(f)
+            if meta == "_synth.json" and value["config"].get("raw_ids", "dense") != "dense":
+                break  # hashed ids: the footers know the largest
             for k in key:
                 value = value[k]
             return int(value)

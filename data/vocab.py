@@ -45,6 +45,7 @@ from data.schema import (
     list_files,
     open_file,
 )
+from data.stats import num_items
 
 VOCAB_META = "vocab.json"
 OOV_ITEM = 2**62  # the id of every out-of-vocabulary item: beyond any item table
@@ -177,29 +178,18 @@ def id_types(log_dir: PathLike) -> tuple[pa.DataType, pa.DataType]:
     return types[0]
 
 
-def needs_vocabulary(log_dir: PathLike, cfg: VocabConfig) -> bool:
-    """build=always/never as configured; auto: string ids, or more possible item ids than events (hashes)."""
+def needs_vocabulary(log_dir: PathLike, cfg: VocabConfig,
+                     types: Optional[tuple[pa.DataType, pa.DataType]] = None) -> bool:
+    """build=always/never as configured; auto: string ids, or more possible item ids than events (hashes).
+    `types`: id_types(log_dir) when the caller has them."""
     if cfg.build != "auto":
         return cfg.build == "always"
-    user_t, item_t = id_types(log_dir)
+    user_t, item_t = types if types is not None else id_types(log_dir)
     if not (pa.types.is_integer(user_t) and pa.types.is_integer(item_t)):
         return True
     if cfg.min_count > 1 or cfg.max_items:
         return True
-    return _largest_item_id(log_dir) > count_rows(list_files(log_dir))
-
-
-def _largest_item_id(log_dir: PathLike) -> int:
-    top = 0
-    for f in list_files(log_dir):
-        md = pq.ParquetFile(f.path).metadata
-        col = md.schema.to_arrow_schema().get_field_index(ITEM)
-        for g in range(md.num_row_groups):
-            st = md.row_group(g).column(col).statistics
-            if st is None or not st.has_min_max:
-                return 2**63 - 1  # unknown: treat as sparse
-            top = max(top, int(st.max))
-    return top
+    return num_items(log_dir) > count_rows(list_files(log_dir))
 
 
 # ---------------------------------------------------------------- building
@@ -245,8 +235,11 @@ def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: 
 
 
 def build_vocabulary(log_dir: PathLike, days: Optional[Iterable], cfg: VocabConfig, *,
-                     max_bad_fraction: float = 0.001, backend: str = "ray") -> Vocabulary:
-    """The vocabulary of the training window `days` (None: every day); string user ids over all days."""
+                     max_bad_fraction: float = 0.001, backend: str = "ray",
+                     user_type: Optional[pa.DataType] = None) -> Vocabulary:
+    """The vocabulary of the training window `days` (None: every day); string user ids over all days.
+    `user_type`: the log's user_id type when the caller has it (id_types), else read from the footers."""
+    user_type = user_type if user_type is not None else id_types(log_dir)[0]
     wanted = None if days is None else set(days)
     files = list_files(log_dir)
     window = [f for f in files if wanted is None or f.day in wanted]
@@ -264,8 +257,7 @@ def build_vocabulary(log_dir: PathLike, days: Optional[Iterable], cfg: VocabConf
                       COUNT: kept.column(COUNT).cast(pa.int64())})
     dropped = counts.slice(kept.num_rows) if cfg.max_items else counts.filter(pc.invert(keep))
     users = None
-    user_t, _ = id_types(log_dir)
-    if not pa.types.is_integer(user_t):
+    if not pa.types.is_integer(user_type):
         user_ids = _count(files, USER, max_bad_fraction, backend).column(RAW)
         user_ids = user_ids.take(pc.sort_indices(user_ids))
         users = pa.table({RAW: user_ids, ROW: pa.array(np.arange(1, len(user_ids) + 1), pa.int64())})
