@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.context import ShuffleStrategy
 
-from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise
+from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise, shuffle_strategy
 from data.schema import (
     ITEM,
     LOG_SCHEMA,
@@ -155,18 +154,6 @@ def _bucket_to_sequences(table: pa.Table) -> pa.Table:
     return events_to_sequences(table.select([USER, ITEM, TS]).combine_chunks())
 
 
-# Above this many (read task x bucket) objects, the pull-based sort shuffle's driver bookkeeping grows too
-# large (about 16 GB at 1500 x 51 on the 10^8-event log, before reads were grouped; fine at 100 x 51).
-_MAX_SORT_SHUFFLE_OBJECTS = 20_000
-
-
-def _shuffle_strategy(read_tasks: int, num_buckets: int):
-    """Sort-based shuffle while it is small (2-3x faster than the hash shuffles here), hash shuffle beyond."""
-    if read_tasks * num_buckets <= _MAX_SORT_SHUFFLE_OBJECTS:
-        return ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    return ShuffleStrategy.HASH_SHUFFLE  # aggregator actors: memory linear in tasks + buckets
-
-
 def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int,
                ids: Optional[IdMapper]) -> SequenceStats:
     ensure_ray()
@@ -179,7 +166,7 @@ def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows
     items = [{"path": f.path, "day": f.day.isoformat()} for f in files]
     read_tasks = math.ceil(len(items) / files_per_task)
     ds = ray.data.from_items(items, override_num_blocks=read_tasks)
-    ds.context.shuffle_strategy = _shuffle_strategy(read_tasks, num_buckets)  # this dataset's context only
+    ds.context.shuffle_strategy = shuffle_strategy(read_tasks, num_buckets)  # this dataset's context only
     ds = ds.map_batches(
         _read_files,
         batch_size=files_per_task,

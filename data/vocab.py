@@ -21,6 +21,7 @@ footers: string ids, or an item id larger than the number of events, mean raw id
 
 import datetime as dt
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from data.config import VocabConfig
-from data.ray_utils import ensure_ray, reraise
+from data.ray_utils import ensure_ray, reraise, shuffle_strategy
 from data.schema import (
     ITEM,
     USER,
@@ -212,6 +213,9 @@ def _merge(parts: Iterable[pa.Table]) -> pa.Table:
     return t.group_by(RAW).aggregate([(COUNT, "sum")]).rename_columns([RAW, COUNT])
 
 
+_ROWS_PER_PARTITION = 4_000_000
+
+
 def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: str) -> pa.Table:
     if backend == "arrow":
         return _merge([_file_counts(f, column, max_bad_fraction)[0] for f in files])
@@ -222,9 +226,15 @@ def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: 
                                     max_bad_fraction)[0] for path, day in zip(batch["path"], batch["day"])])
 
     items = [{"path": f.path, "day": f.day.isoformat()} for f in files]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 64)))
+    read_tasks = max(1, min(len(items), 64))
+    # Sized from the footers' row count (a bound on the distinct ids), not Ray's default of 200 partitions:
+    # a hash shuffle of 200 aggregator actors takes about 15 s to start on a laptop for a log of any size.
+    partitions = max(1, min(200, math.ceil(count_rows(files) / _ROWS_PER_PARTITION)))
+    ds = ray.data.from_items(items, override_num_blocks=read_tasks)
+    ds.context.shuffle_strategy = shuffle_strategy(read_tasks, partitions)  # this dataset's context only
     try:
-        merged = ds.map_batches(count_batch, batch_format="numpy", batch_size=4).groupby(RAW).sum(COUNT)
+        merged = (ds.map_batches(count_batch, batch_format="numpy", batch_size=4)
+                  .groupby(RAW, num_partitions=partitions).sum(COUNT))
         table = merged.to_arrow_refs()
         out = pa.concat_tables(ray.get(table)) if table else None
     except Exception as e:

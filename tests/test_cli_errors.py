@@ -1,6 +1,7 @@
 """User errors end `python -m trainer.train` with one line on stderr, `error: ...` naming the file, key or
 value, and exit status 2, the traceback in OUT/logs/driver.log; internal errors keep their traceback and exit 1
-(issue #16). Each subprocess fails while loading the config or preparing the data: no Ray Train job."""
+(issue #16). Each subprocess fails while loading the config or preparing the data: no Ray Train job. Every
+kind of malformed log and config is checked in this process; a few of each go through the command line."""
 
 import io
 import json
@@ -15,11 +16,14 @@ import pytest
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
 
+from data.prepare import prepare
 from data.schema import LogError
 from tests.helpers import ROOT, write_log
 from trainer.checkpoint import CheckpointError
+from trainer.config import load_config
 from trainer.driver.console import Console
 from trainer.errors import USER_ERRORS, ConfigError, UserError, find_user_error, one_line
+from trainer.train import failed, parse_args
 
 # a small valid log: users 1..30, 4 days; each test breaks one thing
 ROWS = [(u, 1 + (u * 7 + d * 3 + k) % 40, f"2026-01-0{d} {10 + k:02d}:00:00")
@@ -98,8 +102,28 @@ BREAKS = [_missing_column, _mistyped_column, _truncated, _not_parquet, _bad_part
 CASES = [(brk, "arrow") for brk in BREAKS] + [(_missing_column, "ray"), (_truncated, "ray")]
 
 
+def IDS(x) -> str:
+    return x if isinstance(x, str) else x.__name__.strip("_")
+
+
+@pytest.mark.parametrize("brk,backend", CASES, ids=IDS)
+def test_malformed_log_is_a_user_error_naming_the_file(tmp_path, brk, backend, request):
+    """The data stage as the driver runs it, in this process; the CLI cases below show the same errors
+    reach the console as one line."""
+    if backend == "ray":
+        request.getfixturevalue("ray_local")
+    path, problem = brk(_log(tmp_path))
+    cfg = load_config("configs/smoke.yaml", [*FAST, f"data.path={tmp_path / 'log'}", f"data.backend={backend}"])
+    with pytest.raises(Exception) as info:
+        prepare(cfg.data, tmp_path / "work", cfg.model.max_seq_len)
+    user = find_user_error(info.value)
+    assert user is not None, info.value
+    line = one_line(user)
+    assert "\n" not in line and str(path) in line and problem in line, line
+
+
 @pytest.mark.cli
-@pytest.mark.parametrize("brk,backend", CASES, ids=lambda x: x if isinstance(x, str) else x.__name__.strip("_"))
+@pytest.mark.parametrize("brk,backend", [(_missing_column, "arrow"), (_truncated, "ray")], ids=IDS)
 def test_malformed_log_is_one_error_line(tmp_path, brk, backend):
     path, problem = brk(_log(tmp_path))
     out = tmp_path / "out"
@@ -107,8 +131,8 @@ def test_malformed_log_is_one_error_line(tmp_path, brk, backend):
                   f"data.backend={backend}", f"output.dir={out}")
     _assert_user_error(proc, str(path), problem, out=out)
 
-@pytest.mark.cli
 
+@pytest.mark.cli
 def test_empty_evaluation_day_is_one_error_line_and_dates_work_on_the_command_line(tmp_path):
     log = _log(tmp_path)
     out = tmp_path / "out"
@@ -118,35 +142,44 @@ def test_empty_evaluation_day_is_one_error_line_and_dates_work_on_the_command_li
     _assert_user_error(proc, "day=2026-01-07", "no events on evaluation day 2026-01-07", out=out)
 
 @pytest.mark.cli
-
 def test_missing_data_path_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     proc = _train("--config", "configs/smoke.yaml", f"data.path={tmp_path / 'nowhere'}", f"output.dir={out}")
     _assert_user_error(proc, str(tmp_path / "nowhere"), "log directory does not exist", out=out)
 
 
-@pytest.mark.cli
-@pytest.mark.parametrize("args,names", [
+BAD_CONFIGS = [
     (["model.kernal_size=3"], ["unknown key model.kernal_size"]),
     (["training.lr=fast"], ["training.lr", "'fast'"]),
     (["data.eval_day=2026-13-01"], ["data.eval_day", "2026-13-01"]),
     (["--config", "configs/nope.yaml"], ["configs/nope.yaml", "does not exist"]),
     (["eval.select=hr@7"], ["eval.select", "hr@7"]),
-])
-def test_bad_config_is_one_error_line(args, names):
-    if "--config" not in args:
-        args = ["--config", "configs/smoke.yaml", *args]
-    _assert_user_error(_train(*args), *names)
+]
+
+
+@pytest.mark.parametrize("args,names", BAD_CONFIGS)
+def test_bad_config_is_a_config_error_naming_the_key(args, names):
+    args = parse_args(args if "--config" in args else ["--config", "configs/smoke.yaml", *args])
+    with pytest.raises(ConfigError) as info:
+        load_config(args.config, args.overrides)
+    line = one_line(info.value)
+    assert line.startswith("error: ") and "\n" not in line
+    for name in names:
+        assert name in line, line
+
 
 @pytest.mark.cli
+def test_bad_config_is_one_error_line():
+    _assert_user_error(_train("--config", "configs/smoke.yaml", "model.kernal_size=3"), "unknown key model.kernal_size")
 
+
+@pytest.mark.cli
 def test_unwritable_output_dir_is_one_error_line(tmp_path):
     (tmp_path / "a-file").write_text("")
     _assert_user_error(_train("--config", "configs/smoke.yaml", f"output.dir={tmp_path / 'a-file' / 'out'}"),
                        f"output.dir={tmp_path / 'a-file' / 'out'}", "cannot write")
 
 @pytest.mark.cli
-
 def test_earlier_run_without_resume_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     (out / "ray" / "train").mkdir(parents=True)
@@ -154,7 +187,6 @@ def test_earlier_run_without_resume_is_one_error_line(tmp_path):
     _assert_user_error(proc, str(out), "holds an earlier run", "--resume", out=out)
 
 @pytest.mark.cli
-
 def test_corrupt_checkpoint_on_resume_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     run_dir = out / "ray" / "train"
@@ -166,7 +198,6 @@ def test_corrupt_checkpoint_on_resume_is_one_error_line(tmp_path):
     _assert_user_error(proc, str(run_dir / "checkpoint_x"), "meta.json", out=out)
 
 @pytest.mark.cli
-
 def test_more_workers_than_cpus_is_one_error_line(tmp_path):
     out = tmp_path / "out"
     proc = _train("--config", "configs/smoke.yaml", "distributed.num_workers=64", "distributed.cpus_per_worker=1",
@@ -208,8 +239,6 @@ def test_one_line_flattens_a_multi_line_message():
 
 
 def test_internal_error_keeps_its_traceback_and_exits_1():
-    from trainer.train import failed
-
     out, err, log = io.StringIO(), io.StringIO(), io.StringIO()
     console = Console(out, err, log, verbose=False)
     try:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import sequences
+from data import ray_utils
 from data.config import SynthConfig
 from data.schema import LogError
 from data.sequences import build_sequences, read_sequences
@@ -68,7 +68,7 @@ def synth_log(tmp_path_factory):
 @pytest.mark.parametrize("shuffle", ["sort", "hash"])
 def test_ray_and_arrow_back_ends_agree(synth_log, tmp_path, ray_local, monkeypatch, shuffle):
     if shuffle == "hash":  # the strategy used for large logs
-        monkeypatch.setattr(sequences, "_MAX_SORT_SHUFFLE_OBJECTS", 0)
+        monkeypatch.setattr(ray_utils, "MAX_SORT_SHUFFLE_OBJECTS", 0)
     a = build_sequences(synth_log, tmp_path / "arrow", backend="arrow", rows_per_bucket=7000)
     r = build_sequences(synth_log, tmp_path / "ray", backend="ray", rows_per_bucket=7000)  # several buckets
     assert len(os.listdir(tmp_path / "arrow")) > 1 and len(os.listdir(tmp_path / "ray")) > 1

@@ -7,6 +7,7 @@ the production step, `trainer.worker.stack.Stack.train_step`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import deepspeed
@@ -206,6 +207,14 @@ def test_deepspeed_must_not_wrap_the_table() -> None:
     assert torch.equal(r1_after, r0_before), "DeepSpeed no longer broadcasts module params: see docs/dependencies.md"
 
 
+@functools.cache
+def _one_worker(sharding: str, steps: int, batch_total: int) -> tuple[Config, dict[str, Any]]:
+    """The full batch on 1 rank. ZeRO partitions nothing on one rank, so stage 0 is the reference for every stage."""
+    cfg = small_config(sharding, zero=0, batch=batch_total, positions="last", loss=LossConfig(num_negatives=16))
+    (one,) = run_distributed(_train_worker, 1, cfg, steps, batch_total)
+    return cfg, one
+
+
 @pytest.mark.parametrize("sharding,zero", [("row_wise", 0), ("row_wise", 1), ("row_wise", 2), ("table_wise", 0)])
 def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
     """Split batches on 2 ranks == the full batch on 1 rank: dense params, table, loss.
@@ -218,9 +227,8 @@ def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
     # the full batch's
     cfg2 = small_config(sharding, zero=zero, batch=batch_total // 2, positions="last",
                         loss=LossConfig(num_negatives=16))
-    cfg1 = small_config(sharding, zero=zero, batch=batch_total, positions="last", loss=LossConfig(num_negatives=16))
     two = run_distributed(_train_worker, 2, cfg2, steps, batch_total)
-    (one,) = run_distributed(_train_worker, 1, cfg1, steps, batch_total)
+    cfg1, one = _one_worker(sharding, steps, batch_total)
     assert all(out["no_shm_build"] for out in two + [one])
     # dense parameters identical across ranks (DeepSpeed averaged the gradients)
     assert torch.equal(two[0]["dense"], two[1]["dense"])

@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data.prepare import PreparedData, prepare
 from data.ray_utils import ensure_ray
+from data.schema import list_days
 from trainer import storage
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
@@ -27,7 +28,7 @@ from trainer.errors import UserError, user_input
 from trainer.evaluation.baselines import baselines
 from trainer.logs import quiet
 from trainer.storage import Location
-from trainer.worker.loop import train_worker
+from trainer.worker.entry import train_worker
 
 RUN_NAME = "train"
 
@@ -111,6 +112,8 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
     if resume and mirror is not None and not metrics_log.exists():
         storage.copy_file(storage.join(mirror, "metrics.jsonl"), metrics_log)  # continue the stored log
     phases: dict[str, float] = {}
+    if cfg.data.path:
+        list_days(cfg.data.path)  # a missing or misnamed log directory: said before Ray starts, not after
 
     with console.phase("ray start", phases, "ray_start", "local instance" if not os.environ.get("RAY_ADDRESS")
                        else f"joining {os.environ['RAY_ADDRESS']}"):
