@@ -19,8 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 # fbgemm-gpu release -> the torch release its binary is built against (a mismatch: undefined symbol at import)
 FBGEMM_TORCH = {"1.7": "2.12", "1.8": "2.13", "1.9": "2.14"}
-# Packages only the GPU image needs (not in cpu.lock): boto3 for the head's AWS autoscaler, and its dependencies.
-GPU_ONLY = {"boto3", "botocore", "jmespath", "s3transfer"}
+# Packages only the GPU image needs (not in cpu.lock): none now that the tests' S3 server (moto) brings boto3,
+# which the head's AWS autoscaler imports, into cpu.lock.
+GPU_ONLY: set[str] = set()
 
 # The node types the manifests name. Source: AWS's EC2 instance-type pages (General purpose M5; Accelerated
 # computing G5: g5.12xlarge = 4 x NVIDIA A10G 24 GiB).
@@ -102,6 +103,7 @@ def test_gpu_lock_pairs_torch_fbgemm_torchrec_and_matches_the_cpu_lock():
     assert {k: v for k, v in gpu.items() if k != "fbgemm-gpu" and k not in GPU_ONLY} == {
         k: v for k, v in cpu.items() if k != "fbgemm-gpu-cpu"}
     assert GPU_ONLY <= gpu.keys() and not GPU_ONLY & cpu.keys()  # the extras are listed, and only GPU-side
+    assert "boto3" in gpu  # the autoscaler's
     top = pins_in(REPO / "requirements" / "gpu.in")
     for name in ("torch", "fbgemm-gpu", "torchrec", "ray", "deepspeed", "pyarrow", "boto3"):
         assert top[name] == gpu[name], name

@@ -1,20 +1,33 @@
 """output.storage: checkpoints and results in a local directory or a pyarrow URI (issue #5).
 
-The end-to-end test gives the trainer a file:// URI, so every driver-side read goes through pyarrow.fs
-as it would for s3:// or gs://, then resumes from it with a fresh output.dir (about two minutes on 2 cores).
+The end-to-end test runs the trainer against a real S3 endpoint (moto's server on 127.0.0.1, over HTTP,
+tests/objectstore.py), takes the endpoint down in the middle of a checkpoint upload, then resumes from the
+store with a fresh output.dir (about two minutes on 2 cores).
 The rest are unit tests of the storage helpers, the checkpoint checks through a URI, Ray's download of a
 checkpoint from a non-local filesystem, and cluster.submit with a URI --storage (a fake job client)."""
 
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
 
-from tests.helpers import SMALL
+from tests.helpers import ROOT, SMALL
+from tests.objectstore import ObjectStore, Outage
 from trainer import storage
-from trainer.checkpoint import CheckpointError, check_resumable, fingerprint, latest_checkpoint, verify, write_manifest
+from trainer.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    fingerprint,
+    latest_checkpoint,
+    read_meta,
+    verify,
+    write_manifest,
+)
 from trainer.config import load_config
 
 
@@ -179,32 +192,60 @@ def test_submit_with_a_uri_storage_fetches_results_from_it(tmp_path, monkeypatch
 # ---------------------------------------------------------------- end to end through the real trainer
 
 
+@pytest.fixture
+def s3(monkeypatch):
+    store = ObjectStore()
+    for key, value in store.env.items():  # for this process's own reads of the store
+        monkeypatch.setenv(key, value)
+    yield store
+    store.close()
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    return subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/smoke.yaml", *SMALL, *args],
+                          cwd=ROOT, env=full, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.ray_train
-def test_checkpoints_and_results_go_to_a_uri_and_resume_from_it(tmp_path):
+def test_s3_holds_checkpoints_results_and_resume_through_an_outage_mid_upload(tmp_path, s3):
+    """The trainer against a real S3 endpoint (moto's server over HTTP). The endpoint goes down in the
+    middle of the second checkpoint's upload: the run ends with one error line, the checkpoint registered
+    before is intact, and once the endpoint is back a fresh output.dir resumes from the store to the end."""
     from trainer.driver.launch import run
 
-    store = tmp_path / "store"
-    uri = f"file://{store}"
-    first = run(_config(tmp_path / "out1", "training.epochs=1", f"output.storage={uri}"))
-    assert first["throughput"]["epochs_completed"] == 1
-    # checkpoints, Ray's snapshot, results.json and metrics.jsonl under the URI's path; nothing in OUT/ray
-    ckpts = sorted(p for p in (store / "train").glob("checkpoint_*") if p.is_dir())
-    assert ckpts and all((c / "manifests" / "rank1.json").is_file() for c in ckpts)
-    assert (store / "train" / "checkpoint_manager_snapshot.json").is_file()
-    assert first["checkpoint"] == f"{uri}/train/{ckpts[-1].name}" == latest_checkpoint(f"{uri}/train")
-    assert json.loads((store / "results.json").read_text())["metrics"] == first["metrics"]
-    assert (store / "metrics.jsonl").read_text() == (tmp_path / "out1" / "metrics.jsonl").read_text()
+    uri = s3.uri("a")
+    s3.endpoint.outage = Outage("a", checkpoint=2, puts=3)
+    first = _cli(f"output.dir={tmp_path / 'out1'}", f"output.storage={uri}", env=s3.env)
+    assert first.returncode == 2, first.stderr[-3000:]
+    lines = first.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: uploading the checkpoint of step"), first.stderr[-3000:]
+    assert "failed" in lines[0] and "--resume" in lines[0]
+    s3.endpoint.come_back()
+    run_dir = storage.join(uri, "train")
+    started = sorted({k.split("/")[2] for k in s3.keys("a/train/checkpoint_") if k.count("/") >= 3})
+    assert len(started) == 2  # the second checkpoint's upload began ...
+    registered = latest_checkpoint(run_dir)
+    assert registered is not None and started[0] in str(registered)  # ... but the first is the latest
+    verify(registered, read_meta(registered)["world_size"])  # complete and intact
     assert not (tmp_path / "out1" / "ray").exists()
 
-    with pytest.raises(ValueError, match=f"output.storage={uri} holds an earlier run; pass --resume"):
-        run(_config(tmp_path / "out2", "training.epochs=2", f"output.storage={uri}"))
+    with pytest.raises(ValueError, match="holds an earlier run; pass --resume"):
+        run(_config(tmp_path / "out2", f"output.storage={uri}"))
 
-    # a fresh output.dir (another machine, say): the run continues from the checkpoint in the storage
-    resumed = run(_config(tmp_path / "out2", "training.epochs=2", f"output.storage={uri}"), resume=True)
-    tp = resumed["throughput"]
+    # a fresh output.dir (another machine, say) continues from the checkpoint in the store
+    second = _cli(f"output.dir={tmp_path / 'out2'}", f"output.storage={uri}", "--resume", env=s3.env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.loads((tmp_path / "out2" / "results.json").read_text())
+    tp = results["throughput"]
     assert tp["restored_from_checkpoint"] and tp["epochs_completed"] == 2
-    assert tp["steps"] == 2 * first["throughput"]["steps"]
-    assert json.loads((store / "results.json").read_text())["metrics"] == resumed["metrics"]
-    logged = [json.loads(line) for line in (store / "metrics.jsonl").read_text().splitlines()]
-    assert [r["checkpoint"] for r in logged if "checkpoint" in r][0] == first["checkpoint"]  # both runs' reports
-    assert resumed["checkpoint"].startswith(f"{uri}/train/checkpoint_")
+    assert json.loads(s3.read("a/results.json"))["metrics"] == results["metrics"]
+    assert s3.read("a/metrics.jsonl").decode() == (tmp_path / "out2" / "metrics.jsonl").read_text()
+    logged = [json.loads(line) for line in s3.read("a/metrics.jsonl").decode().splitlines()]
+    assert [r["checkpoint"] for r in logged if "checkpoint" in r][0] == str(registered)  # both runs' reports
+    assert results["checkpoint"].startswith(storage.join(uri, "train").split("?")[0] + "/checkpoint_")
+    final = latest_checkpoint(run_dir)
+    assert results["checkpoint"] == str(final)
+    verify(final, 2)
+    assert all(f"a/train/{name}/manifests/rank1.json" in s3.keys(f"a/train/{name}/") for name in
+               [str(final).split("/train/")[1].split("?")[0]])

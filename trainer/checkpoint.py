@@ -32,6 +32,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt (a user error: trainer/errors.py)."""
 
 
+class StorageError(CheckpointError):
+    """The checkpoint storage could not be written or read (an endpoint down, no permission): the message
+    names the location, and the checkpoints registered before are intact."""
+
+
 def _crc32(path: Path) -> int:
     return storage.crc32(LocalFileSystem(), str(path))
 

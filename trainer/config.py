@@ -129,6 +129,10 @@ class OutputConfig:
     checkpoint_every: int = 0  # steps; 0 means only at the end of each epoch
     keep_checkpoints: int = 2
     export_embeddings: bool = False
+    # OUT/model at the end of the run: the self-contained model directory for serving (trainer/export.py). Off
+    # by default: it writes a second copy of the whole table, and `convformer-export` makes one from any
+    # checkpoint later. On, it is the only export that holds a validated run's selected weights.
+    export_model: bool = False
     callbacks: list[str] = field(default_factory=list)  # "module:Class" ray.train.UserCallback, e.g. MLflow
     tensorboard: bool = True  # TensorBoard event files under OUT/tb/ (trainer/driver/tracking.py)
 

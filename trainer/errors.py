@@ -6,7 +6,9 @@ This module is the one list of what counts as a user error (`USER_ERRORS`):
 
 - `UserError` and its subclasses: `ConfigError` (load_config), `trainer.checkpoint.CheckpointError`, and what
   the driver refuses up front (resources, an output.dir that holds a run, a table smaller than the data);
-- `data.schema.LogError`: a log that cannot be used (the data package knows nothing of the trainer).
+- `data.schema.LogError`: a log that cannot be used (the data package knows nothing of the trainer);
+- `trainer.serving.errors.ModelDirError`: a model directory that is missing or incomplete (serving loads
+  without Ray, so it cannot derive from `UserError` here).
 
 Errors raised in Ray tasks or Ray Train workers arrive wrapped (RayTaskError, WorkerGroupError,
 ControllerError, UserExceptionWithTraceback): `find_user_error` looks through the wrappers for the user error.
@@ -18,6 +20,7 @@ from typing import Iterator, Optional
 from ray.exceptions import RayTaskError
 
 from data.schema import LogError
+from trainer.serving.errors import ModelDirError
 
 
 class UserError(ValueError):
@@ -28,7 +31,7 @@ class ConfigError(UserError):
     """The config file or an override is wrong: the message names the key and the value."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, LogError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, LogError, ModelDirError)
 
 
 @contextmanager

@@ -8,14 +8,15 @@ On CUDA, each rank's CUDA generator state is saved and restored with its CPU one
 
 import json
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import ray.train
 import torch
 
 from data.loader import WindowLoader
-from trainer.checkpoint import check_compatible, fingerprint, verify, write_manifest
+from trainer.checkpoint import StorageError, check_compatible, fingerprint, verify, write_manifest
 from trainer.config import Config
 from trainer.distributed.context import DistContext
 from trainer.worker.faults import UploadFn
@@ -35,9 +36,30 @@ def restore_cuda_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, ctx: DistContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+
+    def _where(self) -> str:
+        return self.cfg.output.storage or f"{self.cfg.output.dir}/ray"
+
+    @contextmanager
+    def _local(self, checkpoint: ray.train.Checkpoint) -> Iterator[Path]:
+        """The checkpoint as a local directory (Ray downloads one that is not on a local filesystem)."""
+        local = checkpoint.as_directory()
+        try:
+            tmp = local.__enter__()
+        except OSError as e:  # pyarrow.fs: the storage cannot be reached
+            raise StorageError(f"reading checkpoint {checkpoint.path} from {self._where()} failed "
+                               f"({_first_line(e)})") from e
+        try:
+            yield Path(tmp)
+        finally:
+            local.__exit__(None, None, None)
 
     def save(self, state: dict[str, Any], stack: Stack, loader: WindowLoader, metrics: dict[str, Any],
              upload_fn: Optional[UploadFn] = None) -> None:
@@ -56,14 +78,18 @@ class Checkpointer:
                         "step": state["step"], "epoch": state["epoch"]}
                 (root / "meta.json").write_text(json.dumps(meta, indent=1))
             write_manifest(root, self.ctx.rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_upload_fn=upload_fn)
+            try:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_upload_fn=upload_fn)
+            except OSError as e:  # pyarrow.fs: an endpoint down, a permission refused
+                raise StorageError(f"uploading the checkpoint of step {state['step']} to {self._where()} failed "
+                                   f"({_first_line(e)}); the checkpoints registered before it are intact: "
+                                   "rerun with --resume once the storage is reachable") from e
 
     def load(self, checkpoint: ray.train.Checkpoint, stack: Stack, loader: WindowLoader) -> dict[str, Any]:
         """Verify, then restore the table, the dense state and the loader; returns the trainer state."""
         table, engine = stack.table, stack.engine
-        with checkpoint.as_directory() as tmp:
-            root = Path(tmp)
+        with self._local(checkpoint) as root:
             verify(root, self.ctx.world_size)
             check_compatible(root, self.cfg)
             table.load(root / "table")

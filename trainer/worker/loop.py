@@ -30,6 +30,7 @@ from trainer.distributed.collectives import lockstep
 from trainer.distributed.context import DistContext
 from trainer.evaluation.queries import query_tensors
 from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
+from trainer.export import export_from_stack
 from trainer.logs import to_file
 from trainer.worker.checkpointer import Checkpointer
 from trainer.worker.faults import FaultInjector
@@ -259,6 +260,8 @@ class Trainer:
         # the driver's console starts its evaluation phase here (trainer/driver/console.py)
         ray.train.report({"step": self.step, "epoch": self.loader.epoch, "phase": "evaluation"})
         metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings)
+        if self.cfg.output.export_model:  # OUT/model from the weights just evaluated (collective)
+            export_from_stack(self.stack, self.cfg, self.data, self.ctx.rank, self.step)
         # host RSS and, on CUDA, the device's peak allocation
         peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                              peak_device_memory(self.ctx.device)], device=self.ctx.device)
