@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data.config import DataConfig
+from data.ray_utils import EventsFn
 from data.schema import LogError, PathLike, SkipReport, list_days
 from data.sequences import build_sequences, sequence_files
 from data.split import leave_one_out, prepare_held_out, resolve_eval_day
@@ -74,9 +75,10 @@ def synthetic_log(cfg: DataConfig, work_dir: PathLike) -> str:
     return generate(cfg.synth, log_dir)
 
 
-def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optional[str] = None) -> PreparedData:
+def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optional[str] = None,
+            on_events: Optional[EventsFn] = None) -> PreparedData:
     """Build (or rebuild) the vocabulary when the ids need one, sequences, the split (cfg.split) and the item
-    counts under work_dir."""
+    counts under work_dir. `on_events`: the sequence build's progress, (events read, events in the log)."""
     work_dir = os.fspath(work_dir)
     synthetic = not cfg.path
     log_dir = synthetic_log(cfg, work_dir) if synthetic else cfg.path
@@ -96,7 +98,7 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
     skipped = SkipReport()
     if loo:
         build_sequences(log_dir, seq_dir, backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction,
-                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True, ids=ids)
+                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True, ids=ids, on_events=on_events)
         split = leave_one_out(seq_dir, os.path.join(work_dir, "loo"), query_len, backend=cfg.backend, overwrite=True,
                               oov=oov)
         if split.num_queries["test"] == 0:
@@ -107,7 +109,7 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
         split = prepare_held_out(
             log_dir, work_dir, query_len, eval_day=day, train_days=cfg.train_days, min_history=cfg.min_history,
             backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction, rows_per_bucket=cfg.rows_per_bucket,
-            overwrite=True, ids=ids,
+            overwrite=True, ids=ids, on_events=on_events,
         )
         counts = vocab.counts() if vocab is not None else item_counts(
             log_dir, window, items, max_bad_fraction=cfg.max_bad_fraction, report=skipped)

@@ -2,14 +2,19 @@
 skipped-row counts from tasks on any node."""
 
 import os
+import threading
 from collections import Counter
-from typing import Any, NoReturn, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import ray
 from ray._private import ray_constants
 from ray.data.context import ShuffleStrategy
 
 from data.schema import LogError, SkipReport
+
+# Progress of a data stage: (events read so far, events in its files by their footers).
+EventsFn = Callable[[int, int], None]
 
 # Above this many (read task x partition) objects, the pull-based sort shuffle's driver bookkeeping grows too
 # large (about 16 GB at 1500 x 51 on the 10^8-event log, before reads were grouped; fine at 100 x 51).
@@ -76,16 +81,47 @@ def reraise(e: BaseException) -> NoReturn:
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Skipped-row counts reported by read tasks (only files with bad rows call it)."""
+    """Skipped-row counts reported by read tasks (only files with bad rows call it), and the rows read so far
+    (every file: the driver's progress display)."""
 
     def __init__(self) -> None:
         self.by_file: dict = {}
+        self.rows = 0
 
     def add(self, path: str, counts: dict) -> None:
         self.by_file.setdefault(path, Counter()).update(counts)
 
+    def read(self, rows: int) -> None:
+        self.rows += rows
+
+    def rows_read(self) -> int:
+        return self.rows
+
     def get(self) -> dict:
         return self.by_file
+
+
+@contextmanager
+def polled(counter: "ray.actor.ActorHandle", total: int, on_events: Optional[EventsFn],
+           every_s: float = 1.0) -> Iterator[None]:
+    """While the block runs, `on_events(rows read, total)` about every `every_s` from a driver thread."""
+    if on_events is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            on_events(int(ray.get(counter.rows_read.remote())), total)
+
+    thread = threading.Thread(target=poll, name="data-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    on_events(int(ray.get(counter.rows_read.remote())), total)
 
 
 def collect_skips(counter: "ray.actor.ActorHandle", rows_read: int) -> SkipReport:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from data.ray_utils import SkipCounter, collect_skips, ensure_ray, reraise, shuffle_strategy
+from data.ray_utils import EventsFn, SkipCounter, collect_skips, ensure_ray, polled, reraise, shuffle_strategy
 from data.schema import (
     ITEM,
     LOG_SCHEMA,
@@ -83,11 +83,14 @@ def build_sequences(
     rows_per_bucket: int = 2_000_000,
     overwrite: bool = False,
     ids: Optional[IdMapper] = None,
+    on_events: Optional[EventsFn] = None,
 ) -> SequenceStats:
     """Sequences of the events on days in [start_day, cutoff_day) (None: unbounded), written to `out_dir`.
 
     `cutoff_day` is exclusive: cutoff_day=D keeps the days before D. `ids`: the vocabulary's map from raw to
-    dense ids (data/vocab.py), applied as the log is read; None for a log of dense integer ids.
+    dense ids (data/vocab.py), applied as the log is read; None for a log of dense integer ids. `on_events`:
+    called with (events read, events in the files) as the read goes on, on the calling thread or a thread
+    of its process.
     """
     out_dir = os.fspath(out_dir)
     prepare_out(out_dir, overwrite)
@@ -95,9 +98,9 @@ def build_sequences(
     if not files:
         raise LogError(log_dir, f"no day partitions in [{start_day or 'start'}, {cutoff_day or 'end'})")
     if backend == "arrow":
-        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket, ids)
+        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events)
     if backend == "ray":
-        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket, ids)
+        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events)
     raise ValueError(f"backend must be 'ray' or 'arrow', got {backend!r}")
 
 
@@ -112,10 +115,15 @@ def prepare_out(out_dir: str, overwrite: bool) -> str:
 
 
 def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_shard: int,
-                 ids: Optional[IdMapper]) -> SequenceStats:
+                 ids: Optional[IdMapper], on_events: Optional[EventsFn]) -> SequenceStats:
     report = SkipReport()
-    parts = [t.select([USER, ITEM, TS]) for f in files
-             for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids)]
+    total = count_rows(files) if on_events is not None else 0
+    parts = []
+    for f in files:
+        parts += [t.select([USER, ITEM, TS])
+                  for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids)]
+        if on_events is not None:
+            on_events(report.rows_read, total)
     events = pa.concat_tables(parts).combine_chunks() if parts else LOG_SCHEMA.empty_table()
     seqs = events_to_sequences(events)
     # Shards of about rows_per_shard events, cut between users.
@@ -146,6 +154,7 @@ def _read_files(batch: dict, num_buckets: int, max_bad_fraction: float, counter,
         for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids):
             t = t.select([USER, ITEM, TS])
             yield t.append_column("bucket", pa.array(_bucket_of(t.column(USER).to_numpy(), num_buckets)))
+        counter.read.remote(report.rows_read)  # no wait: for the progress display only
         if report.rows_skipped:
             ray.get(counter.add.remote(f.path, dict(report.by_reason)))
 
@@ -155,7 +164,7 @@ def _bucket_to_sequences(table: pa.Table) -> pa.Table:
 
 
 def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int,
-               ids: Optional[IdMapper]) -> SequenceStats:
+               ids: Optional[IdMapper], on_events: Optional[EventsFn]) -> SequenceStats:
     ensure_ray()
     rows = count_rows(files)  # footers only; sizes the shuffle
     num_buckets = max(1, math.ceil(rows / rows_per_bucket))
@@ -176,7 +185,8 @@ def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows
     )
     ds = ds.groupby("bucket", num_partitions=num_buckets).map_groups(_bucket_to_sequences, batch_format="pyarrow")
     try:
-        ds.write_parquet(out_dir)
+        with polled(counter, rows, on_events):
+            ds.write_parquet(out_dir)
     except Exception as e:  # Ray wraps task errors; surface the LogError itself
         reraise(e)
     report = collect_skips(counter, rows)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from data.ray_utils import ensure_ray, reraise
+from data.ray_utils import EventsFn, ensure_ray, reraise
 from data.schema import (
     DAY_US,
     TS,
@@ -319,13 +319,14 @@ def prepare_held_out(
     rows_per_bucket: int = 2_000_000,
     overwrite: bool = False,
     ids: Optional[IdMapper] = None,
+    on_events: Optional[EventsFn] = None,
 ) -> SplitResult:
     """Log -> work_dir/sequences (through eval day) -> work_dir/train + work_dir/eval. `ids`: the vocabulary's
-    raw -> dense map (None: dense integer ids)."""
+    raw -> dense map (None: dense integer ids); `on_events`: the sequence build's progress (build_sequences)."""
     day = resolve_eval_day(log_dir, eval_day)
     require_day(log_dir, day)
     seq_dir = os.path.join(os.fspath(work_dir), "sequences")
     build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend, max_bad_fraction=max_bad_fraction,
-                    rows_per_bucket=rows_per_bucket, overwrite=overwrite, ids=ids)
+                    rows_per_bucket=rows_per_bucket, overwrite=overwrite, ids=ids, on_events=on_events)
     return held_out_day_split(seq_dir, work_dir, day, query_len, train_days=train_days, min_history=min_history,
                               backend=backend, overwrite=overwrite, oov=ids.oov if ids is not None else 0)

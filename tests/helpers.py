@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import pickle
 import socket
+import struct
 import tempfile
 import time
 import traceback
@@ -196,3 +197,38 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             assert status == "ok", payload
             results.append(payload)
         return results
+
+
+# ---------------------------------------------------------------- tracking records (console and tracker tests)
+
+
+def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the event files under `tb_dir`: tag -> [(step, value)], by parsing the TFRecord
+    framing (length u64, crc u32, Event bytes, crc u32) with tensorboardX's own protobufs."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+RECORDS = [
+    {"time": 1.0, "step": 5, "epoch": 0, "loss": 5.0, "events_per_s": 1000.0, "lr/dense": 1e-4, "lr/sparse": 0.05},
+    {"time": 2.0, "step": 10, "epoch": 0, "loss": 4.5, "events_per_s": 1100.0, "lr/dense": 5e-4, "lr/sparse": 0.05},
+    {"time": 3.0, "step": 10, "epoch": 1, "checkpoint": "/x/checkpoint_1"},
+    {"time": 3.5, "step": 10, "epoch": 1, "valid/ndcg@10": 0.25, "valid/hr@10": 0.5},
+    {"time": 4.0, "step": 15, "epoch": 1, "loss": 4.0, "events_per_s": 1200.0, "lr/dense": 1e-3, "lr/sparse": 0.04},
+    {"time": 5.0, "step": 20, "epoch": 2, "checkpoint": "/x/checkpoint_2"},
+    {"time": 5.5, "step": 20, "epoch": 2, "valid/ndcg@10": 0.3, "valid/hr@10": 0.55},
+    {"time": 6.0, "step": 20, "epoch": 2, "phase": "evaluation"},
+]
+RESULTS = {"metrics": {"hr@10": 0.6, "ndcg@10": 0.31}, "throughput": {"steps": 20, "events_per_s": 1150.0},
+           "baselines": {"popularity": {"hr@10": 0.3, "ndcg@10": 0.15, "eval_day": "2026-01-04"}}}

@@ -5,53 +5,20 @@ through `python -m trainer.train` checks the whole console and reads the event f
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from tensorboardX.proto import event_pb2
 
-from tests.helpers import ROOT, SMALL
-from trainer.driver.console import Console, Progress, estimate_steps_per_epoch
+from tests.helpers import RECORDS, RESULTS, ROOT, SMALL, read_scalars
+from trainer.driver.console import Console, Count, Progress, estimate_steps_per_epoch
 from trainer.driver.tracking import TensorBoard, plot_curves
 
 # lines a small run may print: measured 21 (7 phase lines, 3 progress lines, 3 for the end of training and
 # evaluation, 6 of table, and slack); before issue #16 the same run printed 112.
 MAX_LINES = 30
-
-
-def read_scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in the event files under `tb_dir`: tag -> [(step, value)], by parsing the TFRecord
-    framing (length u64, crc u32, Event bytes, crc u32) with tensorboardX's own protobufs."""
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        pos = 0
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for v in event.summary.value:
-                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
-    return scalars
-
-
-RECORDS = [
-    {"time": 1.0, "step": 5, "epoch": 0, "loss": 5.0, "events_per_s": 1000.0},
-    {"time": 2.0, "step": 10, "epoch": 0, "loss": 4.5, "events_per_s": 1100.0},
-    {"time": 3.0, "step": 10, "epoch": 1, "checkpoint": "/x/checkpoint_1"},
-    {"time": 3.5, "step": 10, "epoch": 1, "valid/ndcg@10": 0.25, "valid/hr@10": 0.5},
-    {"time": 4.0, "step": 15, "epoch": 1, "loss": 4.0, "events_per_s": 1200.0},
-    {"time": 5.0, "step": 20, "epoch": 2, "checkpoint": "/x/checkpoint_2"},
-    {"time": 5.5, "step": 20, "epoch": 2, "valid/ndcg@10": 0.3, "valid/hr@10": 0.55},
-    {"time": 6.0, "step": 20, "epoch": 2, "phase": "evaluation"},
-]
-RESULTS = {"metrics": {"hr@10": 0.6, "ndcg@10": 0.31}, "throughput": {"steps": 20, "events_per_s": 1150.0},
-           "baselines": {"popularity": {"hr@10": 0.3, "ndcg@10": 0.15, "eval_day": "2026-01-04"}}}
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -125,6 +92,36 @@ def test_progress_on_a_terminal_is_a_tqdm_bar(tmp_path):
     assert "a line while the bar is open\n" in text and console.bar is None
 
 
+def test_counts_of_events_and_queries_in_plain_lines_and_on_a_terminal(tmp_path):
+    console, out = _console()
+    events = Count(console, "data", "event", "events read", plain_every_s=0.0)
+    events(0, 1000)  # nothing read yet: no line
+    events(250, 1000)
+    events(250, 1000)  # unchanged: no second line
+    events(1000, 1000)
+    assert [line.split("  ETA")[0] for line in out.getvalue().splitlines()] == [
+        "data  250/1,000 events read", "data  1,000/1,000 events read"]
+    # evaluation: the records workers send while ranking, through Progress
+    log = tmp_path / "metrics.jsonl"
+    console, out = _console()
+    with Progress(console, log, epochs=1, max_steps=0, steps_per_epoch=4, plain_every_s=0.0) as progress:
+        for done in (0, 40, 80):
+            progress.handle({"step": 4, "epoch": 1, "phase": "evaluation", "eval_queries": done, "eval_total": 100})
+        progress.end_evaluation()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("training done in ") and lines[1].startswith("evaluation ...")
+    assert [line.split("  ETA")[0] for line in lines[2:4]] == ["evaluation  40/100 queries ranked",
+                                                                "evaluation  80/100 queries ranked"]
+    assert lines[4].startswith("evaluation done in ") and len(lines) == 5
+    terminal = io.StringIO()
+    console = _Terminal(terminal, io.StringIO(), None, verbose=False)
+    events = Count(console, "data", "event", "events read")
+    events(500, 1000)
+    assert console.bar is not None and console.bar.n == 500
+    events.close()
+    assert console.bar is None and "data:" in terminal.getvalue() and "/1000" in terminal.getvalue()
+
+
 def test_steps_per_epoch_estimate_from_parquet_metadata(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -145,6 +142,12 @@ def test_tensorboard_and_curves_from_records(tmp_path):
     scalars = read_scalars(tmp_path / "tb")
     assert scalars["train/loss"] == [(5, 5.0), (10, 4.5), (15, 4.0)]
     assert [s for s, _ in scalars["train/events_per_s"]] == [5, 10, 15]
+    # the records' lr/dense and lr/sparse, under train/ (trainer/driver/tracking.py: LR_KEYS)
+    assert scalars["train/lr_dense"] == [(5, pytest.approx(1e-4)), (10, pytest.approx(5e-4)),
+                                         (15, pytest.approx(1e-3))]
+    assert scalars["train/lr_sparse"] == [(5, pytest.approx(0.05)), (10, pytest.approx(0.05)),
+                                          (15, pytest.approx(0.04))]
+    assert not any(name.startswith("lr/") for name in scalars)
     assert scalars["valid/ndcg_10"] == [(10, 0.25), (20, pytest.approx(0.3))]
     assert scalars["heldout/hr_10"] == [(20, pytest.approx(0.6))]
     assert scalars["baseline/popularity/hr_10"] == [(20, pytest.approx(0.3))]
@@ -166,12 +169,13 @@ def test_nothing_logged_reads_as_nothing(tmp_path):
 
 
 @pytest.mark.ray_train
-def test_small_run_console_is_short_has_no_line_twice_and_tracks(tmp_path):
+def test_small_run_console_is_short_has_no_line_twice_and_tracks(tmp_path, monkeypatch):
     out = tmp_path / "run"
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "trainer.train", "--config", "configs/smoke.yaml", *SMALL,
-                           f"output.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           f"output.dir={out}", f"output.mlflow_uri={tmp_path / 'mlruns'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     lines = proc.stdout.splitlines() + proc.stderr.splitlines()
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stderr == "", proc.stderr[-4000:]
@@ -195,3 +199,18 @@ def test_small_run_console_is_short_has_no_line_twice_and_tracks(tmp_path):
     assert scalars["heldout/hr_10"][0][1] == pytest.approx(results["metrics"]["hr@10"])
     assert scalars["baseline/popularity/hr_10"][0][1] == pytest.approx(results["baselines"]["popularity"]["hr@10"])
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # what the trainer's tracker sets for a file store
+    client = MlflowClient(tracking_uri=str(tmp_path / "mlruns"))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["heldout/hr_10"] == pytest.approx(results["metrics"]["hr@10"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"curves.png", "results.json"}
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    cfg = results["config"]["training"]
+    assert all(r["lr/dense"] == cfg["lr"] and r["lr/sparse"] == pytest.approx(cfg["sparse_lr"])
+               for r in records if "loss" in r)  # the optimizers' rates, as reported
+    ranked = [(r["eval_queries"], r["eval_total"]) for r in records if "eval_queries" in r]
+    assert ranked and all(total == results["data"]["num_eval_queries"] for _, total in ranked)
+    assert [done for done, _ in ranked] == sorted(done for done, _ in ranked) and ranked[-1][0] < ranked[-1][1]

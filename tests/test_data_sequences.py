@@ -69,8 +69,14 @@ def synth_log(tmp_path_factory):
 def test_ray_and_arrow_back_ends_agree(synth_log, tmp_path, ray_local, monkeypatch, shuffle):
     if shuffle == "hash":  # the strategy used for large logs
         monkeypatch.setattr(ray_utils, "MAX_SORT_SHUFFLE_OBJECTS", 0)
-    a = build_sequences(synth_log, tmp_path / "arrow", backend="arrow", rows_per_bucket=7000)
-    r = build_sequences(synth_log, tmp_path / "ray", backend="ray", rows_per_bucket=7000)  # several buckets
+    progress = {"arrow": [], "ray": []}
+    a = build_sequences(synth_log, tmp_path / "arrow", backend="arrow", rows_per_bucket=7000,
+                        on_events=lambda *x: progress["arrow"].append(x))
+    r = build_sequences(synth_log, tmp_path / "ray", backend="ray", rows_per_bucket=7000,  # several buckets
+                        on_events=lambda *x: progress["ray"].append(x))
+    for calls in progress.values():  # events read, of the footers' total: rising to every row, bad ones too
+        assert calls and calls[-1][0] == calls[-1][1] == a.num_events + 1, calls
+        assert [done for done, _ in calls] == sorted(done for done, _ in calls)
     assert len(os.listdir(tmp_path / "arrow")) > 1 and len(os.listdir(tmp_path / "ray")) > 1
     ta, tr = read_sequences(tmp_path / "arrow"), read_sequences(tmp_path / "ray")
     # 600 synthetic users + 3000 extra users, less user 10017 whose only event was the bad row

@@ -75,6 +75,7 @@ def _train_worker(rank: int, world: int, cfg: Config, steps: int, batch_total: i
         losses.append(stack.train_step(_batch(step, rank, world, batch_total), negatives).loss.item())
     dense = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
     return {"dense": dense, "full": table.gather_full(), "losses": losses, "placement": table.placement(),
+            "lrs": stack.learning_rates(),
             "momentum": _gather_sharded(next(iter(table.state_dict()["optimizer"]["state"].values())))
             if table.sharding_type == "row_wise" else None,  # every rank holds state only when row-wise
             "init_local": init_local, "local": [(s, w.clone()) for s, w in table.local_shards()],
@@ -230,6 +231,8 @@ def test_two_workers_match_one_worker(sharding: str, zero: int) -> None:
     two = run_distributed(_train_worker, 2, cfg2, steps, batch_total)
     cfg1, one = _one_worker(sharding, steps, batch_total)
     assert all(out["no_shm_build"] for out in two + [one])
+    for out in two:  # what the progress records report: the optimizers' own rates
+        assert out["lrs"] == pytest.approx({"lr/dense": cfg2.training.lr, "lr/sparse": cfg2.training.sparse_lr})
     # dense parameters identical across ranks (DeepSpeed averaged the gradients)
     assert torch.equal(two[0]["dense"], two[1]["dense"])
     torch.testing.assert_close(two[0]["dense"], one["dense"], rtol=1e-4, atol=1e-5)

@@ -20,6 +20,7 @@ import yaml
 from data.config import DataConfig
 from model.config import LossConfig, ModelConfig
 from trainer import storage
+from trainer.driver.tracking import check_mlflow_uri
 from trainer.errors import ConfigError
 
 
@@ -133,8 +134,12 @@ class OutputConfig:
     # by default: it writes a second copy of the whole table, and `convformer-export` makes one from any
     # checkpoint later. On, it is the only export that holds a validated run's selected weights.
     export_model: bool = False
-    callbacks: list[str] = field(default_factory=list)  # "module:Class" ray.train.UserCallback, e.g. MLflow
+    callbacks: list[str] = field(default_factory=list)  # "module:Class" ray.train.UserCallback (a team's own)
     tensorboard: bool = True  # TensorBoard event files under OUT/tb/ (trainer/driver/tracking.py)
+    # MLflow tracking URI; "" is off. A local path or file:///abs/path (a file store), http(s)://host:port (a
+    # tracking server), databricks. One run per training run, in experiment `mlflow_experiment`.
+    mlflow_uri: str = ""
+    mlflow_experiment: str = "convformer"
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -146,6 +151,9 @@ class OutputConfig:
                 raise ValueError(
                     f"output.storage={self.storage!r} is not a storage location pyarrow can open: {e}"
                 ) from None
+        check_mlflow_uri(self.mlflow_uri)
+        if self.mlflow_uri and not self.mlflow_experiment.strip():
+            raise ValueError("output.mlflow_experiment must be a non-empty name when output.mlflow_uri is set")
 
 
 @dataclass

@@ -120,10 +120,45 @@ def estimate_steps_per_epoch(train_sequences: str, seq_len: int, batch_size: int
     return max(1, math.ceil(windows / world_size / batch_size))
 
 
+class Count:
+    """A count towards a total (events read, queries ranked): a tqdm bar on a terminal, else a plain line at
+    most every `plain_every_s` seconds and at the end. Callable from any thread; `close()` ends the bar."""
+
+    def __init__(self, console: Console, desc: str, unit: str, noun: str, plain_every_s: float = 10.0) -> None:
+        """`unit`: the bar's (event, query); `noun`: the plain line's (events read, queries ranked)."""
+        self.console, self.desc, self.unit, self.noun, self.plain_every_s = console, desc, unit, noun, plain_every_s
+        self.t0 = time.perf_counter()
+        self.last_plain = self.t0  # the phase's own start line was just printed
+        self.bar: Any = None
+        self.shown = (0, 0)
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if self.console.tty:
+            if self.bar is None:
+                self.bar = tqdm(total=total, unit=self.unit, file=self.console.out, dynamic_ncols=True,
+                                desc=self.desc, leave=False)
+                self.console.bar = self.bar
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+        elif done and now - self.last_plain >= self.plain_every_s and (done, total) != self.shown:
+            self.last_plain, self.shown = now, (done, total)
+            eta = (now - self.t0) * (total - done) / done
+            self.console.line(f"{self.desc}  {done:,}/{total:,} {self.noun}  ETA {_clock(max(eta, 0.0))}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            bar, self.bar = self.bar, None
+            if self.console.bar is bar:
+                self.console.bar = None
+            bar.close()
+
+
 class Progress:
     """Follows OUT/metrics.jsonl in a thread while training runs: shows progress on `console`, passes every
-    new record to `on_record` (the TensorBoard writer), and prints the end of training and the start of
-    evaluation when the workers report {"phase": "evaluation"}."""
+    new record to `on_record` (the TensorBoard writer), prints the end of training and the start of
+    evaluation when the workers report {"phase": "evaluation"}, and the queries ranked so far as they report
+    them (eval_queries of eval_total)."""
 
     def __init__(self, console: Console, path: Path, epochs: int, max_steps: int, steps_per_epoch: int,
                  select: Optional[str] = None, on_record: Optional[Callable[[dict[str, Any]], None]] = None,
@@ -144,6 +179,7 @@ class Progress:
         self.step = 0
         self.loss: Optional[float] = None
         self.rate: Optional[float] = None
+        self.ranked: Optional[Count] = None  # queries ranked, once the workers report them
 
     @property
     def total(self) -> int:
@@ -207,6 +243,8 @@ class Progress:
         self.step = max(self.step, step)
         if r.get("phase") == "evaluation":
             self.end_training()
+            if "eval_queries" in r:
+                self.evaluation(int(r["eval_queries"]), int(r["eval_total"]))
             return
         valid = {k[len("valid/"):]: v for k, v in r.items() if k.startswith("valid/")}
         if valid:
@@ -252,9 +290,15 @@ class Progress:
                           + (f", loss {self.loss:.4f}" if self.loss is not None else ""))
         self.console.line("evaluation ... ranking the full catalogue")
 
+    def evaluation(self, done: int, total: int) -> None:
+        if self.ranked is None:
+            self.ranked = Count(self.console, "evaluation", "query", "queries ranked", self.plain_every_s)
+        self.ranked(done, total)
+
     def end_evaluation(self) -> None:
         """After fit() returned: the end of the evaluation phase (and of training, if no record said so)."""
         self._stop.set()
         self._thread.join(timeout=10)
         self.end_training()
+        self._close_bar()
         self.console.line(f"evaluation done in {_seconds(time.perf_counter() - self.t_eval)}")

@@ -21,9 +21,9 @@ from trainer import storage
 from trainer.checkpoint import check_resumable
 from trainer.config import Config
 from trainer.driver.callbacks import build_callbacks
-from trainer.driver.console import LOG_DIR, Console, Progress, estimate_steps_per_epoch
+from trainer.driver.console import LOG_DIR, Console, Count, Progress, estimate_steps_per_epoch
 from trainer.driver.report import write_results
-from trainer.driver.tracking import CURVES, TB_DIR, TensorBoard, plot_curves
+from trainer.driver.tracking import CURVES, Trackers, build_trackers, plot_curves
 from trainer.errors import UserError, user_input
 from trainer.evaluation.baselines import baselines
 from trainer.logs import quiet
@@ -121,7 +121,11 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
 
     with console.phase("data", phases, "data", cfg.data.path or "synthetic log") as note:
         # the synthetic log (when data.path is empty) is generated under out/data and reused if unchanged
-        data = prepare(cfg.data, out / "data", cfg.model.max_seq_len)
+        events = Count(console, "data", "event", "events read")
+        try:
+            data = prepare(cfg.data, out / "data", cfg.model.max_seq_len, on_events=events)
+        finally:
+            events.close()
         note["note"] = f"{data.num_train_users:,} training users, {data.num_eval_queries:,} evaluation queries"
         if data.vocab_summary:
             note["note"] += f", {data.vocab_summary['items']:,} items in the vocabulary"
@@ -154,11 +158,11 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
             callbacks=build_callbacks(cfg, out, run_path, mirrored_log),
         ),
     )
-    tb = TensorBoard(out / TB_DIR) if cfg.output.tensorboard else None
+    trackers = Trackers(build_trackers(cfg, out))  # TensorBoard, MLflow: as the config asks
     progress = Progress(console, metrics_log, cfg.training.epochs, cfg.training.max_steps,
                         estimate_steps_per_epoch(data.train_sequences, cfg.model.max_seq_len,
                                                  cfg.training.batch_size, cfg.distributed.num_workers),
-                        select=cfg.eval.select, on_record=tb.record if tb else None)
+                        select=cfg.eval.select, on_record=trackers.record)
     console.line(f"training ... {cfg.distributed.num_workers} workers, {cfg.training.epochs} epoch(s)")
     t0 = time.perf_counter()
     result = None
@@ -169,8 +173,8 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
     finally:
         if mirrored_log is not None:
             storage.copy_quietly(metrics_log, mirrored_log)
-        if tb is not None and result is None:
-            tb.close()
+        if result is None:
+            trackers.close()
     phases["fit"] = time.perf_counter() - t0
     worker_results = result.return_value
     if worker_results is None:
@@ -185,9 +189,13 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
         # a path for local storage, a URI for URI storage
         "checkpoint": str(storage.name_of(run_path, result.checkpoint.path)) if result.checkpoint else None,
     }
-    write_results(results, out, also_to=mirror)
-    if tb is not None:
-        tb.finish(results)
-    plot_curves(metrics_log, out / CURVES, cfg.eval.select, results)
+    results_path = write_results(results, out, also_to=mirror)
+    plot_curves(metrics_log, out / CURVES, cfg.eval.select, results)  # before finish: MLflow stores it
+    try:
+        trackers.finish(results, [out / CURVES, results_path])
+    except Exception as e:  # the run itself succeeded and its results are written: say so, do not fail it
+        console.to_log(f"tracking: {type(e).__name__}: {e}")
+        console.line(f"warning: tracking could not record the results ({type(e).__name__}: {e}); they are in "
+                     f"{results_path}")
     return results
 

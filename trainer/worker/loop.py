@@ -8,6 +8,7 @@
 then `train()` (with validation and model selection when there is a validation split) and `evaluate()`.
 """
 
+import math
 import resource
 import time
 from pathlib import Path
@@ -153,7 +154,7 @@ class Trainer:
         dist.all_reduce(totals)
         loss, rate = totals[0].item() / max(totals[1].item(), 1), totals[1].item() / seconds
         epoch = self.loader.epoch
-        metrics = {"step": self.step, "epoch": epoch, "loss": loss, "events_per_s": rate}
+        metrics = {"step": self.step, "epoch": epoch, "loss": loss, "events_per_s": rate, **self.stack.learning_rates()}
         if self.ctx.rank == 0:
             print(f"step {self.step:>6}  epoch {epoch}  loss {loss:.4f}  {rate:,.0f} events/s", flush=True)
         return metrics
@@ -193,22 +194,36 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, queries: str, export: bool = False) -> dict[str, float]:
-        """Full-catalogue ranking of a directory of queries; every rank scores its own rows."""
+    def evaluate(self, queries: str, export: bool = False, progress: bool = False) -> dict[str, float]:
+        """Full-catalogue ranking of a directory of queries; every rank scores its own rows. `progress`: report
+        the queries ranked so far about ten times (the driver's console shows them)."""
         t0 = time.perf_counter()
         self.stack.eval()
         scorer = EmbeddingScorer(*self.stack.table.row_block())  # collective
         shard = RowShard(sequence_files(queries), self.ctx.rank, self.ctx.world_size)
         rows = shard.iter_tables(batch_rows=self.cfg.eval.batch_size)
+        # the same on every rank (lockstep batches): reports are collectives
+        most_batches = math.ceil(math.ceil(shard.total_rows / self.ctx.world_size) / self.cfg.eval.batch_size)
+        report_every = max(1, most_batches // 10)
+        done = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
 
         users: list[tuple[np.ndarray, np.ndarray]] = []  # (user ids, representations) for export
 
+        def report(i: int) -> None:
+            if progress and i % report_every == 0:
+                ranked = done.clone()
+                dist.all_reduce(ranked)
+                ray.train.report({"step": self.step, "epoch": self.loader.epoch, "phase": "evaluation",
+                                  "eval_queries": int(ranked.item()), "eval_total": shard.total_rows})
+
         def batches():
-            for part in lockstep(rows):
+            for i, part in enumerate(lockstep(rows), 1):
+                report(i)
                 if part is None:  # this rank is done: still join the lookup collective
                     self.stack.encode(None)
                     yield None
                     continue
+                done.add_(part.num_rows)
                 q = query_tensors(part, self.cfg.model.max_seq_len)
                 user_vecs = self.stack.encode(q["history"])  # (B, D)
                 if export:
@@ -259,7 +274,7 @@ class Trainer:
                          "metrics": self.best["metrics"], "stopped_early": self._patience_spent()}
         # the driver's console starts its evaluation phase here (trainer/driver/console.py)
         ray.train.report({"step": self.step, "epoch": self.loader.epoch, "phase": "evaluation"})
-        metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings)
+        metrics = self.evaluate(self.data.eval_queries, export=self.cfg.output.export_embeddings, progress=True)
         if self.cfg.output.export_model:  # OUT/model from the weights just evaluated (collective)
             export_from_stack(self.stack, self.cfg, self.data, self.ctx.rank, self.step)
         # host RSS and, on CUDA, the device's peak allocation

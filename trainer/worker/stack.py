@@ -40,7 +40,7 @@ from model.losses import NegativeSampler, loss_from_embeddings, sample_loss_ids
 from trainer.config import Config
 from trainer.distributed.context import DistContext
 from trainer.distributed.dense import engine_dtype, wrap_dense
-from trainer.distributed.embeddings import ShardedItemTable
+from trainer.distributed.embeddings import ShardedItemTable, fused_params
 
 Batch = dict[str, torch.Tensor]  # input_ids (B, L), targets (B, L); 0 = padding / no target
 
@@ -131,6 +131,13 @@ class Stack:
         hidden = self.engine(self.table.lookup(ids).to(self.dtype), valid).float()  # (B, L, D)
         users = last_hidden(hidden, valid)  # (B, D)
         return users if histories is not None else users[:0]
+
+    def learning_rates(self) -> dict[str, float]:
+        """The optimizers' current rates: the dense AdamW's (DeepSpeed's view) and the fused sparse one's (a rank
+        that holds no shard, table-wise, has no sparse optimizer: the rate its shards would get)."""
+        groups = self.table.dmp.fused_optimizer.param_groups
+        sparse = groups[0]["lr"] if groups else fused_params(self.cfg, self.ctx.device.type)["learning_rate"]
+        return {"lr/dense": float(self.engine.get_lr()[0]), "lr/sparse": float(sparse)}
 
     def train(self) -> None:
         self.engine.train()
