@@ -5,6 +5,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from data import ray_utils
 from data.config import SynthConfig
@@ -69,6 +70,8 @@ def synth_log(tmp_path_factory):
 def test_ray_and_arrow_back_ends_agree(synth_log, tmp_path, ray_local, monkeypatch, shuffle):
     if shuffle == "hash":  # the strategy used for large logs
         monkeypatch.setattr(ray_utils, "MAX_SORT_SHUFFLE_OBJECTS", 0)
+        # one aggregator actor for all partitions: each actor is a new process (seconds to start here)
+        monkeypatch.setattr(ray.data.DataContext.get_current(), "max_hash_shuffle_aggregators", 1)
     progress = {"arrow": [], "ray": []}
     a = build_sequences(synth_log, tmp_path / "arrow", backend="arrow", rows_per_bucket=7000,
                         on_events=lambda *x: progress["arrow"].append(x))
