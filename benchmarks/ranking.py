@@ -10,13 +10,11 @@ chunk (no exact rank, no tie rule, no exclusion), which is the floor. Reported: 
 
 import argparse
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
-from benchmarks.results import write_result
+from benchmarks.results import provenance, write_result
 from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
 
 CHUNK_ELEMS = 1 << 24  # evaluate's default: scores per chunk
@@ -74,11 +72,7 @@ def main() -> None:
         "batch": a.batch, "threads": torch.get_num_threads(),
         "plain_queries_per_s": round(a.queries / floor, 1), "eval_queries_per_s": round(a.queries / mine, 1),
         "eval_vs_matmul_topk": round(floor / mine, 3), "target": ">= 0.8",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"), "load_average_before": [round(x, 2) for x in load],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        **provenance(load),
     }
     write_result(result, a.out)
 

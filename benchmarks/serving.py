@@ -13,8 +13,6 @@ raw ids back).
 
 import argparse
 import os
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.results import write_result
+from benchmarks.results import provenance, write_result
 from model.config import ModelConfig
 from model.convformer import SequenceEncoder
 from trainer.recommend import Recommender
@@ -129,11 +127,7 @@ def main() -> None:
         "faiss_approx_index": {"type": "IVFFlat, inner product", "nlist": ivf.nlist, "nprobe": ivf.nprobe,
                                "build_s": round(ivf_build_s, 2)},
         "recommend_qps": round(recommend_qps, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "date": time.strftime("%Y-%m-%d"), "load_average_before": [round(x, 2) for x in load],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        **provenance(load),
     }
     write_result(result, a.out)
 
