@@ -56,11 +56,15 @@ class PreparedData:
         return dataclasses.asdict(self)
 
     def load_item_counts(self, num_items: int) -> np.ndarray:
-        """(num_items + 1,) int64: the counts, zero for ids the data never had."""
-        counts = np.load(self.item_counts)
-        if len(counts) > num_items + 1:
-            raise ValueError(f"{self.item_counts} counts {len(counts) - 1} items, more than num_items={num_items}")
-        return np.pad(counts, (0, num_items + 1 - len(counts)))
+        return load_item_counts(self.item_counts, num_items)
+
+
+def load_item_counts(path: PathLike, num_items: int) -> np.ndarray:
+    """(num_items + 1,) int64 from an item-counts file: the counts, zero for ids the data never had."""
+    counts = np.load(path)
+    if len(counts) > num_items + 1:
+        raise ValueError(f"{path} counts {len(counts) - 1} items, more than num_items={num_items}")
+    return np.pad(counts, (0, num_items + 1 - len(counts)))
 
 
 def synthetic_log(cfg: DataConfig, work_dir: PathLike) -> str:

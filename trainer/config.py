@@ -9,19 +9,62 @@ combinations that span sections.
 
 import dataclasses
 import datetime as dt
+import importlib.metadata
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+from urllib.parse import urlparse
 
 import yaml
 
 from data.config import DataConfig
 from model.config import LossConfig, ModelConfig
 from trainer import storage
-from trainer.driver.tracking import check_mlflow_uri
 from trainer.errors import ConfigError
+
+# MLflow's own tracking-store schemes; the database ones need SQLAlchemy, which mlflow-skinny lacks
+MLFLOW_REMOTE = ("http", "https", "databricks", "databricks-uc", "uc")
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_mlflow_uri(uri: str) -> None:
+    """A ValueError naming output.mlflow_uri unless MLflow (as installed) can open `uri`: a local path or
+    file:///abs/path (a file store), http(s)://host[:port] (a tracking server), databricks, a database URI
+    when SQLAlchemy is installed, or a scheme a plugin registers. Checked without importing MLflow."""
+    if not uri:
+        return
+    where = f"output.mlflow_uri={uri!r}"
+    if uri != uri.strip():
+        raise ValueError(f"{where} has leading or trailing whitespace")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if uri in MLFLOW_REMOTE[2:]:  # a bare "databricks" (the default profile) is not a path
+        return
+    if not scheme:
+        return  # a local path: a file store there
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError(f"{where}: a file store URI needs an absolute path, file:///abs/path "
+                             "(or give a plain path)")
+        return
+    if scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise ValueError(f"{where}: an http(s) tracking URI needs a host, e.g. http://mlflow.example:5000")
+        return
+    if scheme in MLFLOW_REMOTE:
+        return
+    if scheme.split("+")[0] in MLFLOW_DATABASES:  # postgresql+psycopg2://...
+        if importlib.util.find_spec("sqlalchemy") is None:
+            raise ValueError(f"{where}: a database tracking store needs the full mlflow package (SQLAlchemy); "
+                             "this environment has mlflow-skinny: use a file store path or an http(s) server")
+        return
+    if scheme in {ep.name for ep in importlib.metadata.entry_points(group="mlflow.tracking_store")}:
+        return
+    raise ValueError(f"{where} is not a tracking URI MLflow accepts: use a local path, file:///abs/path, "
+                     f"http(s)://host:port or one of {', '.join(MLFLOW_REMOTE[2:] + MLFLOW_DATABASES)}")
 
 
 @dataclass

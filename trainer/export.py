@@ -31,14 +31,17 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
+from data.prepare import COUNTS_FILE, PreparedData, load_item_counts
+from data.vocab import Vocabulary
 from trainer.checkpoint import check_compatible, latest_checkpoint, read_meta, verify
 from trainer.config import Config, from_dict, load_config
 from trainer.errors import USER_ERRORS, UserError, one_line
 from trainer.serving import model_dir as md
 
 if TYPE_CHECKING:
-    from data.prepare import PreparedData
     from trainer.worker.stack import Stack
 
 RESULTS = "results.json"
@@ -51,7 +54,7 @@ DENSE_STATES = Path("dense") / "dense" / "mp_rank_00_model_states.pt"  # DeepSpe
 def _run_of(ckpt: Path) -> Optional[Path]:
     """The run directory (OUT) that holds a checkpoint: the nearest parent with results.json or data/."""
     for parent in ckpt.resolve().parents:
-        if (parent / RESULTS).is_file() or (parent / "data" / "item_counts.npy").is_file():
+        if (parent / RESULTS).is_file() or (parent / "data" / COUNTS_FILE).is_file():
             return parent
     return None
 
@@ -63,6 +66,7 @@ def resolve(source: str, config: Optional[str], overrides: Sequence[str]) -> tup
         raise UserError(f"{source}: no such run or checkpoint directory")
     if (path / "meta.json").is_file():
         ckpt, run = path, _run_of(path)
+        results = _results(run) if run is not None else None
     else:
         run = path
         results = _results(run)
@@ -71,7 +75,6 @@ def resolve(source: str, config: Optional[str], overrides: Sequence[str]) -> tup
         if ckpt is None or not Path(ckpt).is_dir():
             raise UserError(f"{source}: neither a checkpoint (no meta.json) nor a run with a local checkpoint")
         ckpt = Path(ckpt)
-    results = _results(run) if run is not None else None
     if config is not None:
         cfg = load_config(config, overrides)
     elif results is not None:
@@ -82,7 +85,7 @@ def resolve(source: str, config: Optional[str], overrides: Sequence[str]) -> tup
     if not data and run is not None:  # an unfinished run: its data directory by the trainer's layout
         vocab = run / "data" / "vocab"
         data = {"vocab": str(vocab) if (vocab / "vocab.json").is_file() else None,
-                "item_counts": str(run / "data" / "item_counts.npy"), "eval_queries": str(run / "data" / "eval")}
+                "item_counts": str(run / "data" / COUNTS_FILE), "eval_queries": str(run / "data" / "eval")}
     if not data.get("item_counts") or not Path(data["item_counts"]).is_file():
         raise UserError(f"{source}: the run's item counts ({data.get('item_counts')}) are missing")
     return ckpt, cfg, data
@@ -97,14 +100,7 @@ def _raw_ids(vocab_dir: Optional[str], num_items: int):
     """Raw ids of rows 1..N from the vocabulary (None for dense ids)."""
     if not vocab_dir:
         return None
-    from data.vocab import Vocabulary
-
     return Vocabulary.load(vocab_dir).raw_items(np.arange(1, num_items + 1))
-
-
-def _counts(path: str, num_items: int) -> np.ndarray:
-    counts = np.load(path)
-    return np.pad(counts, (0, max(0, num_items + 1 - len(counts))))[: num_items + 1]
 
 
 def _meta(cfg: Config, data: dict[str, Any], raw_ids, source: dict[str, Any]) -> md.ModelMeta:
@@ -135,8 +131,6 @@ def _fresh(out: Path) -> None:
 
 def read_table(ckpt: Path, num_items: int, dim: int) -> torch.Tensor:
     """The whole table (N + 1, D) fp32 from the checkpoint's DCP files, in this process."""
-    import torch.distributed.checkpoint as dcp
-
     weight = torch.empty(num_items + 1, dim)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -159,7 +153,7 @@ def export_checkpoint(ckpt: Path, cfg: Config, data: dict[str, Any], out: Path, 
     raw_ids = _raw_ids(data.get("vocab"), m.num_items)
     _fresh(out)
     rows = np.arange(1, m.num_items + 1)
-    md.write_items(out, 0, rows, table[1:].numpy(), _counts(data["item_counts"], m.num_items)[1:], raw_ids)
+    md.write_items(out, 0, rows, table[1:].numpy(), load_item_counts(data["item_counts"], m.num_items)[1:], raw_ids)
     md.write_dense(out, read_dense(ckpt))
     source = {"kind": "checkpoint", "path": str(ckpt.resolve()), "step": meta["step"], "epoch": meta["epoch"]}
     md.write_meta(out, _meta(cfg, data, raw_ids, source), data.get("vocab"))
@@ -173,11 +167,9 @@ def export_checkpoint(ckpt: Path, cfg: Config, data: dict[str, Any], out: Path, 
 # ---------------------------------------------------------------- at the end of a run (in the workers)
 
 
-def export_from_stack(stack: "Stack", cfg: Config, data: "PreparedData", rank: int, step: int) -> Path:
+def export_from_stack(stack: "Stack", cfg: Config, data: PreparedData, rank: int, step: int) -> Path:
     """OUT/model from the live stack (collective): every rank writes its own full-width rows, rank 0 the
     dense tower and, after a barrier, config.json. No rank gathers the table."""
-    import torch.distributed as dist
-
     out = Path(cfg.output.dir).resolve() / "model"
     start, weight = stack.table.row_block()  # collective: (n, D) rows start..start+n-1
     _check_out(out)  # on every rank (output.dir is shared), so none is left waiting at the barrier

@@ -16,8 +16,6 @@ The driver calls one `Trackers` (build_trackers): `record(r)` for every metrics.
 runs, `finish(results, artifacts)` at the end, `close()` when training failed.
 """
 
-import importlib.metadata
-import importlib.util
 import json
 import logging
 import os
@@ -25,19 +23,16 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
-if TYPE_CHECKING:
-    from trainer.config import Config
+from trainer.config import MLFLOW_REMOTE, Config
+from trainer.errors import UserError
 
 TB_DIR = "tb"
 CURVES = "curves.png"
 # the records' learning-rate keys -> the name both trackers write
 LR_KEYS = {"lr/dense": "train/lr_dense", "lr/sparse": "train/lr_sparse"}
-# MLflow's own tracking-store schemes; the database ones need SQLAlchemy, which mlflow-skinny lacks
-MLFLOW_REMOTE = ("http", "https", "databricks", "databricks-uc", "uc")
-MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def _number(value: Any) -> bool:
@@ -100,43 +95,6 @@ class TensorBoard:
 
 
 # ---------------------------------------------------------------- MLflow
-
-
-def check_mlflow_uri(uri: str) -> None:
-    """A ValueError naming output.mlflow_uri unless MLflow (as installed) can open `uri`: a local path or
-    file:///abs/path (a file store), http(s)://host[:port] (a tracking server), databricks, a database URI
-    when SQLAlchemy is installed, or a scheme a plugin registers. Checked without importing MLflow."""
-    if not uri:
-        return
-    where = f"output.mlflow_uri={uri!r}"
-    if uri != uri.strip():
-        raise ValueError(f"{where} has leading or trailing whitespace")
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
-    if uri in MLFLOW_REMOTE[2:]:  # a bare "databricks" (the default profile) is not a path
-        return
-    if not scheme:
-        return  # a local path: a file store there
-    if scheme == "file":
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise ValueError(f"{where}: a file store URI needs an absolute path, file:///abs/path "
-                             "(or give a plain path)")
-        return
-    if scheme in ("http", "https"):
-        if not parsed.netloc:
-            raise ValueError(f"{where}: an http(s) tracking URI needs a host, e.g. http://mlflow.example:5000")
-        return
-    if scheme in MLFLOW_REMOTE:
-        return
-    if scheme.split("+")[0] in MLFLOW_DATABASES:  # postgresql+psycopg2://...
-        if importlib.util.find_spec("sqlalchemy") is None:
-            raise ValueError(f"{where}: a database tracking store needs the full mlflow package (SQLAlchemy); "
-                             "this environment has mlflow-skinny: use a file store path or an http(s) server")
-        return
-    if scheme in {ep.name for ep in importlib.metadata.entry_points(group="mlflow.tracking_store")}:
-        return
-    raise ValueError(f"{where} is not a tracking URI MLflow accepts: use a local path, file:///abs/path, "
-                     f"http(s)://host:port or one of {', '.join(MLFLOW_REMOTE[2:] + MLFLOW_DATABASES)}")
 
 
 def is_file_store(uri: str) -> bool:
@@ -294,12 +252,10 @@ class Trackers:
                                                     type(e).__name__, e)
 
 
-def build_trackers(cfg: "Config", out: Path) -> list[Any]:
+def build_trackers(cfg: Config, out: Path) -> list[Any]:
     """TensorBoard under OUT/tb (output.tensorboard) and an MLflow run (output.mlflow_uri), named after
     output.dir, with the config as params. An MLflow store that cannot be opened is a UserError, said before
     training starts; the TensorBoard writer already opened is closed then."""
-    from trainer.errors import UserError
-
     trackers: list[Any] = []
     if cfg.output.tensorboard:
         trackers.append(TensorBoard(Path(out) / TB_DIR))

@@ -10,12 +10,11 @@ the all-reduce does). Torch runs on one thread, as every worker did (distributed
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-import pyarrow.parquet as pq
 import torch
 
+from data.sequences import sequence_files
 from data.shards import RowShard
 from trainer.evaluation.metrics import MetricSums
 from trainer.evaluation.queries import query_tensors
@@ -23,19 +22,11 @@ from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, rank_batch
 from trainer.serving.model_dir import ServingModel
 
 
-def query_files(queries_dir: str) -> list[str]:
-    """The query directory's Parquet files in name order (as data.sequences.sequence_files lists them)."""
-    names = sorted(n for n in os.listdir(queries_dir) if n.endswith(".parquet") and not n.startswith((".", "_")))
-    return [os.path.join(queries_dir, n) for n in names]
-
-
 @torch.no_grad()
 def heldout_metrics(model: ServingModel, queries_dir: str, ks: Sequence[int], exclude_seen: bool,
                     world_size: int, batch_rows: int, threads: int = 1) -> dict[str, float]:
     """HR@k, NDCG@k, MRR and recall@k of `queries_dir` as a `world_size`-rank run computed them."""
-    files = query_files(queries_dir)
-    for f in files:
-        pq.read_metadata(f)  # a clear error on a non-Parquet file before any work
+    files = sequence_files(queries_dir)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
