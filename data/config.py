@@ -40,6 +40,9 @@ class SynthConfig:
     days: int = 8
     seed: int = 0
     events_per_user: float = 100.0  # mean; per-user counts are log-normal (heavy tailed)
+    # log-normal sigma of the events per user: 1.0 gives a heavy tail; 0 gives every user events_per_user
+    # (a long-lag regime wants every history longer than lag_max: configs/long-context.yaml)
+    events_sigma: float = 1.0
     zipf_s: float = 1.0  # popularity weight of the item with popularity rank r is r**-zipf_s
     p_transition: float = 0.3  # next item is a successor of the previous one
     p_repeat: float = 0.2  # next item repeats the one consumed exactly `lag` events ago
@@ -62,6 +65,7 @@ class SynthConfig:
         _check_int(s, "days", self.days, 1, 3650)
         _check_int(s, "seed", self.seed, 0, 2**63 - 1)
         _check_float(s, "events_per_user", self.events_per_user, 2.0, 1e6)
+        _check_float(s, "events_sigma", self.events_sigma, 0.0, 3.0)
         _check_float(s, "zipf_s", self.zipf_s, 0.0, 5.0)
         _check_float(s, "p_transition", self.p_transition, 0.0, 1.0)
         _check_float(s, "p_repeat", self.p_repeat, 0.0, 1.0)
@@ -120,6 +124,9 @@ class DataConfig:
     backend: Literal["ray", "arrow"] = "ray"  # sequence building and splitting: distributed or in-process
     shuffle_buffer: int = 8192  # training windows shuffled together by the loader
     rows_per_bucket: int = 2_000_000  # events per group-by bucket when building sequences with Ray
+    # The log's `ts` column: "timestamp" (timestamp[*, tz=UTC]) or integers counting s / ms / us / ns since
+    # 1970-01-01 UTC; timestamp columns are read under any setting (data.schema.check_schema).
+    ts_unit: Literal["timestamp", "s", "ms", "us", "ns"] = "timestamp"
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str):
@@ -139,3 +146,5 @@ class DataConfig:
             raise ValueError(f"data.backend must be 'ray' or 'arrow', got {self.backend!r}")
         _check_int("data", "shuffle_buffer", self.shuffle_buffer, 1)
         _check_int("data", "rows_per_bucket", self.rows_per_bucket, 1)
+        if self.ts_unit not in ("timestamp", "s", "ms", "us", "ns"):
+            raise ValueError(f"data.ts_unit must be 'timestamp', 's', 'ms', 'us' or 'ns', got {self.ts_unit!r}")

@@ -2,6 +2,7 @@
 
     python -m data.ingest events.csv --out LOG --user-col uid --item-col sku --ts-col event_time --ts-unit ms
     python -m data.ingest ratings.csv --out LOG --preset movielens-latest      # ml-latest, ml-20m/25m/32m
+    python -m data.ingest ratings.dat --out LOG --preset movielens-1m          # also movielens-100k, recbole
 
 The input is streamed in batches (bounded memory, any size). Ids stay as they are (integers, or strings:
 the vocabulary stage maps them, data/vocab.py); timestamps become timestamp[us, UTC] from epoch numbers in
@@ -29,10 +30,12 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
-from data.schema import DAY_US, EPOCH, ITEM, TS, TS_TYPE, USER, LogError, PathLike
+from data.movielens import ML1M_COLUMNS, ML1M_EMPTY, recbole_header
+from data.schema import DAY_US, EPOCH, EPOCH_UNITS, ITEM, TS, TS_TYPE, USER, LogError, PathLike, to_log_ts
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet")
-TS_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": None, "iso": None}
+TS_UNITS = (*EPOCH_UNITS, "iso")  # --ts-unit
+_PER_SECOND = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}
 BLOCK_BYTES = 16 << 20
 
 
@@ -49,13 +52,18 @@ class Source:
     column_names: Optional[list[str]] = None  # when there is no header
     delimiter: Optional[str] = None  # csv ',' / tsv '\t' by default
     drop: list[str] = field(default_factory=list)  # columns not to carry along
+    quote: bool = True  # csv/tsv: '"' quotes fields; False: every character is data (ids such as titles)
+    typed_header: bool = False  # RecBole: a header of `name:type` fields, whose names are the columns
 
 
-# Presets: MovieLens as published (ml-1m's '::' separator is handled by data.movielens).
+# Presets: MovieLens as published and RecBole atomic files; the file layouts are data.movielens's.
 PRESETS = {
     "movielens-latest": Source("csv", "userId", "movieId", "timestamp", "s"),  # ratings.csv
     "movielens-100k": Source("tsv", "user", "item", "ts", "s", header=False,
                              column_names=["user", "item", "rating", "ts"]),  # u.data
+    "movielens-1m": Source("csv", "user", "item", "seconds", "s", header=False, column_names=ML1M_COLUMNS,
+                           delimiter=":", drop=ML1M_EMPTY, quote=False),  # ratings.dat, user::item::rating::seconds
+    "recbole": Source("tsv", "user_id", "item_id", "timestamp", "s", typed_header=True, quote=False),  # *.inter
 }
 
 
@@ -75,9 +83,12 @@ def read_batches(path: str, src: Source) -> Iterator[pa.RecordBatch]:
     try:
         if src.format in ("csv", "tsv"):
             delimiter = src.delimiter or ("," if src.format == "csv" else "\t")
-            read = pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=None if src.header else src.column_names)
+            names, skip = (None if src.header else src.column_names), 0
+            if src.typed_header:
+                names, skip = list(recbole_header(path)), 1
+            read = pcsv.ReadOptions(block_size=BLOCK_BYTES, column_names=names, skip_rows=skip)
             convert = pcsv.ConvertOptions(column_types={src.user_col: pa.string(), src.item_col: pa.string()})
-            parse = pcsv.ParseOptions(delimiter=delimiter)
+            parse = pcsv.ParseOptions(delimiter=delimiter, quote_char='"' if src.quote else False)
             yield from pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         elif src.format == "jsonl":
             yield from pjson.open_json(path, read_options=pjson.ReadOptions(block_size=BLOCK_BYTES))
@@ -90,11 +101,17 @@ def read_batches(path: str, src: Source) -> Iterator[pa.RecordBatch]:
 
 
 def timestamps(col: pa.Array, unit: str, path: str, name: str) -> pa.Array:
-    """A time column -> timestamp[us, UTC]."""
+    """A time column -> timestamp[us, UTC]. Timestamps and integer epoch numbers go through the log reader's
+    own conversion (data.schema.to_log_ts: exact, a LogError for a value out of range); floats are rounded
+    to the microsecond."""
     if unit not in TS_UNITS:
         raise LogError(path, f"unknown --ts-unit {unit!r}; expected one of {', '.join(TS_UNITS)}")
     if pa.types.is_timestamp(col.type):
-        return col.cast(TS_TYPE) if col.type.tz else col.cast(pa.timestamp("us")).cast(TS_TYPE)
+        if not col.type.tz:  # naive: the time is UTC
+            col = col.cast(pa.timestamp(col.type.unit, tz="UTC"))
+        return to_log_ts(col, path, name)
+    if pa.types.is_integer(col.type) and unit in EPOCH_UNITS:
+        return to_log_ts(col, path, name, unit)
     if unit == "iso":
         if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
             raise LogError(path, f"column '{name}' has type {col.type}, but --ts-unit iso needs text")
@@ -108,12 +125,13 @@ def timestamps(col: pa.Array, unit: str, path: str, name: str) -> pa.Array:
     if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise LogError(path, f"column '{name}' has type {col.type}, but --ts-unit {unit} needs numbers "
                              f"(first value {col[0].as_py()!r}); use --ts-unit iso for text")
-    if unit == "ns":
-        us = pc.divide(col.cast(pa.int64()), 1000)
-    else:
-        us = pc.multiply(col.cast(pa.float64()), float(TS_UNITS[unit]))
-        us = pc.round(us).cast(pa.int64())
-    return us.cast(pa.int64()).cast(TS_TYPE)
+    us = pc.round(pc.multiply(col.cast(pa.float64()), 1e6 / _PER_SECOND[unit]))
+    try:
+        return us.cast(pa.int64()).cast(TS_TYPE)
+    except pa.ArrowInvalid:  # beyond int64 microseconds (or NaN)
+        bad = pc.filter(col, pc.or_(pc.invert(pc.is_finite(us)), pc.greater_equal(pc.abs(us), 2.0**63)))
+        raise LogError(path, f"column '{name}' has value {bad[0].as_py() if len(bad) else '?'}, outside the range "
+                             "of timestamp[us]") from None
 
 
 class _Kinds:
@@ -277,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 setattr(src, key, getattr(a, key))
         if a.no_header or a.columns:
             src.header, src.column_names = False, a.columns.split(",") if a.columns else src.column_names
-        src.drop = [c for c in a.drop.split(",") if c]
+        src.drop = [*src.drop, *(c for c in a.drop.split(",") if c)]  # a preset's own, and --drop
         print(json.dumps(ingest(a.paths, a.out, src)))
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -34,6 +34,16 @@ from data.schema import DAY_US, EPOCH, ITEM, TS, USER, PathLike, ts_from_seconds
 
 Format = Literal["auto", "ml-100k", "ml-1m", "ml-latest", "recbole"]
 LATEST_HEADER = "userId,movieId,rating,timestamp"
+# ml-1m's '::' read as two one-character ':' delimiters with an empty field between (data.ingest's preset too)
+ML1M_COLUMNS = ["user", "_1", "item", "_2", "rating", "_3", "seconds"]
+ML1M_EMPTY = ["_1", "_2", "_3"]
+
+
+def recbole_header(path: str) -> dict[str, str]:
+    """A RecBole .inter file's header: column name -> its `name:type` field, in file order."""
+    with open(path, "r") as f:
+        header = f.readline().rstrip("\r\n").split("\t")
+    return {h.split(":")[0]: h for h in header}
 
 
 def detect_format(path: str) -> str:
@@ -70,8 +80,7 @@ def read_ratings(path: str, fmt: str) -> pa.Table:
         t = _read_plain(path, "\t", ["user", "item", "rating", "seconds"])
     elif fmt == "ml-1m":
         # '::' is two one-character delimiters with an empty field between: keep the even columns.
-        raw = _read_plain(path, ":", ["user", "_1", "item", "_2", "rating", "_3", "seconds"])
-        t = raw.select(["user", "item", "rating", "seconds"])
+        t = _read_plain(path, ":", ML1M_COLUMNS).drop_columns(ML1M_EMPTY)
     elif fmt == "ml-latest":
         conv = pcsv.ConvertOptions(column_types={"userId": pa.string(), "movieId": pa.string()})
         raw = pcsv.read_csv(path, convert_options=conv)
@@ -81,12 +90,10 @@ def read_ratings(path: str, fmt: str) -> pa.Table:
                       "seconds": raw.column("timestamp")})
     elif fmt == "recbole":
         parse = pcsv.ParseOptions(delimiter="\t", quote_char=False)
-        with open(path, "r") as f:
-            header = f.readline().rstrip("\n").split("\t")
-        fields = {h.split(":")[0]: h for h in header}
+        fields = recbole_header(path)
         for need in ("user_id", "item_id", "timestamp"):
             if need not in fields:
-                raise ValueError(f"{path}: RecBole header has no '{need}:...' field (header: {header})")
+                raise ValueError(f"{path}: RecBole header has no '{need}:...' field (header: {list(fields.values())})")
         conv = pcsv.ConvertOptions(column_types={fields["user_id"]: pa.string(), fields["item_id"]: pa.string()})
         raw = pcsv.read_csv(path, parse_options=parse, convert_options=conv)
         cols = {"user": fields["user_id"], "item": fields["item_id"], "seconds": fields["timestamp"]}

@@ -90,19 +90,21 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
     loo = cfg.split == "leave_one_out"
     day = None if loo else resolve_eval_day(log_dir, eval_day or cfg.eval_day)
     window = None if day is None else window_days(day, cfg.train_days, list_days(log_dir))
+    unit = cfg.ts_unit  # how every reader below takes an integer `ts` column
     vocab = vocab_dir = ids = None
-    types = id_types(log_dir)  # one pass over the footers, for both decisions
-    if needs_vocabulary(log_dir, cfg.vocab, types):
+    types = id_types(log_dir, ts_unit=unit)  # one pass over the footers, for both decisions
+    if needs_vocabulary(log_dir, cfg.vocab, types, ts_unit=unit):
         vocab = build_vocabulary(log_dir, window, cfg.vocab, max_bad_fraction=cfg.max_bad_fraction,
-                                 backend=cfg.backend, user_type=types[0])
+                                 backend=cfg.backend, user_type=types[0], ts_unit=unit)
         vocab_dir = vocab.save(os.path.join(work_dir, "vocab"))
         ids = vocab.id_map()
-    items = vocab.num_items if vocab is not None else num_items(log_dir)
+    items = vocab.num_items if vocab is not None else num_items(log_dir, ts_unit=unit)
     oov = ids.oov if ids is not None else 0
     skipped = SkipReport()
     if loo:
         build_sequences(log_dir, seq_dir, backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction,
-                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True, ids=ids, on_events=on_events)
+                        rows_per_bucket=cfg.rows_per_bucket, overwrite=True, ids=ids, on_events=on_events,
+                        ts_unit=unit)
         split = leave_one_out(seq_dir, os.path.join(work_dir, "loo"), query_len, backend=cfg.backend, overwrite=True,
                               oov=oov)
         if split.num_queries["test"] == 0:
@@ -113,10 +115,10 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
         split = prepare_held_out(
             log_dir, work_dir, query_len, eval_day=day, train_days=cfg.train_days, min_history=cfg.min_history,
             backend=cfg.backend, max_bad_fraction=cfg.max_bad_fraction, rows_per_bucket=cfg.rows_per_bucket,
-            overwrite=True, ids=ids, on_events=on_events,
+            overwrite=True, ids=ids, on_events=on_events, ts_unit=unit,
         )
         counts = vocab.counts() if vocab is not None else item_counts(
-            log_dir, window, items, max_bad_fraction=cfg.max_bad_fraction, report=skipped)
+            log_dir, window, items, max_bad_fraction=cfg.max_bad_fraction, report=skipped, ts_unit=unit)
         test, valid = split.queries["eval"], None
     counts_path = os.path.join(work_dir, COUNTS_FILE)
     np.save(counts_path, counts)

@@ -4,6 +4,9 @@ A log is a directory hive-partitioned by UTC day, one row per event:
 
     LOG/day=2026-01-01/part-00000.parquet    user_id int64, item_id int64, ts timestamp[*, tz=UTC], extras...
 
+`ts` may instead hold integers counting seconds, ms, us or ns since 1970-01-01 UTC when the reader is told
+the unit (`ts_unit`, the config's `data.ts_unit`); they are read exactly as a timestamp column of that unit.
+
 Names starting with `_` or `.` are not data (metadata such as `_synth.json`, `_maps/`). What stops the job
 (a LogError naming the file) and what is skipped with a warning is listed in docs/data.md.
 """
@@ -30,6 +33,13 @@ DAY_US = 86_400_000_000
 _UTC_NAMES = {"UTC", "utc", "Etc/UTC", "+00:00", "Z", "GMT"}
 _DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 EPOCH = dt.date(1970, 1, 1)
+# How the reader takes an integer `ts` column (data.ts_unit): "timestamp" refuses integers (their unit is
+# unknown); "s", "ms", "us", "ns" read them as that many units since the epoch. Timestamp columns are
+# accepted under every setting (they carry their own unit).
+EPOCH_UNITS = ("s", "ms", "us", "ns")
+TS_UNITS = ("timestamp", *EPOCH_UNITS)
+_INT64_MAX = 2**63 - 1
+_US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}  # ns are divided (truncated), never overflow
 
 PathLike = Union[str, os.PathLike]
 DayLike = Union[str, dt.date]
@@ -148,31 +158,31 @@ def list_files(
     return files
 
 
-def count_rows(files: Sequence[LogFile]) -> int:
-    """Total rows from the Parquet footers (no data read)."""
-    return sum(open_file(f.path, raw_ids=True).metadata.num_rows for f in files)
+def count_rows(files: Sequence[LogFile], *, ts_unit: str = "timestamp") -> int:
+    """Total rows from the Parquet footers (no data read); each file's schema is checked (open_file)."""
+    return sum(open_file(f.path, raw_ids=True, ts_unit=ts_unit).metadata.num_rows for f in files)
 
 
-def require_day(log_dir: PathLike, day: DayLike) -> None:
+def require_day(log_dir: PathLike, day: DayLike, *, ts_unit: str = "timestamp") -> None:
     """Evaluation needs `day`: a LogError naming it when it is missing or holds no events."""
     path = day_dir(log_dir, day)
     files = list_files(log_dir, day, to_date(day) + dt.timedelta(days=1))
     if not files:
         raise LogError(path, f"no events on evaluation day {to_date(day).isoformat()} (partition missing or empty)")
-    if count_rows(files) == 0:
+    if count_rows(files, ts_unit=ts_unit) == 0:
         raise LogError(path, f"no events on evaluation day {to_date(day).isoformat()} (its files hold 0 rows)")
 
 
 # ---------------------------------------------------------------- one file
 
 
-def open_file(path: str, raw_ids: bool = False) -> pq.ParquetFile:
-    """Open and check the schema; a LogError for anything that is not a usable log file."""
+def open_file(path: str, raw_ids: bool = False, *, ts_unit: str = "timestamp") -> pq.ParquetFile:
+    """Open and check the schema (check_schema); a LogError for anything that is not a usable log file."""
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise LogError(path, f"not a readable Parquet file (truncated or another format): {e}") from None
-    check_schema(pf.schema_arrow, path, raw_ids)
+    check_schema(pf.schema_arrow, path, raw_ids, ts_unit=ts_unit)
     return pf
 
 
@@ -181,8 +191,21 @@ def is_raw_id_type(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def check_schema(schema: pa.Schema, path: str, raw_ids: bool = False) -> None:
-    """`raw_ids`: ids may be any integers or strings (the vocabulary maps them); else integers >= 0 / >= 1."""
+def check_ts_unit(ts_unit: str) -> None:
+    if ts_unit not in TS_UNITS:
+        raise ValueError(f"ts_unit must be one of {', '.join(TS_UNITS)}, got {ts_unit!r}")
+
+
+def check_schema(schema: pa.Schema, path: str, raw_ids: bool = False, *, ts_unit: str = "timestamp") -> None:
+    """`raw_ids`: ids may be any integers or strings (the vocabulary maps them); else integers >= 0 / >= 1.
+
+    `ts_unit` (data.ts_unit): "timestamp" wants `ts` as timestamp[*, tz=UTC]; "s", "ms", "us" or "ns" also
+    take an integer `ts` counting those units since the epoch. A timestamp column is accepted under every
+    setting: it carries its own unit, so nothing is ambiguous, and a log whose files mix the two kinds (or a
+    config reused across logs) still reads. An integer column without a unit is refused: guessing s vs ms
+    would shift every event by a factor of 1000.
+    """
+    check_ts_unit(ts_unit)
     for name in (USER, ITEM, TS):
         if name not in schema.names:
             raise LogError(path, f"missing column '{name}' (columns: {', '.join(schema.names)})")
@@ -194,14 +217,57 @@ def check_schema(schema: pa.Schema, path: str, raw_ids: bool = False) -> None:
             hint = "; string ids need the vocabulary stage (data.vocab.build)" if is_raw_id_type(t) else ""
             raise LogError(path, f"column '{name}' has type {t}, expected an integer type (int64){hint}")
     t = schema.field(TS).type
+    if pa.types.is_integer(t):
+        if ts_unit == "timestamp":
+            raise LogError(path, f"column 'ts' has type {t}, expected timestamp with tz=UTC; for integer times "
+                                 "since the epoch set data.ts_unit=s|ms|us|ns")
+        return
     if not pa.types.is_timestamp(t):
-        raise LogError(path, f"column 'ts' has type {t}, expected timestamp with tz=UTC")
+        also = f" or integers (data.ts_unit={ts_unit})" if ts_unit != "timestamp" else ""
+        raise LogError(path, f"column 'ts' has type {t}, expected timestamp with tz=UTC{also}; other time "
+                             "formats (text, floats) can be imported with convformer-ingest")
     if t.tz not in _UTC_NAMES:
         raise LogError(path, f"column 'ts' has type {t}; timestamps must be in UTC (tz='UTC'), not {t.tz!r}")
 
 
-def _normalise(batch: pa.RecordBatch, path: str, raw_ids: bool = False) -> pa.Table:
-    """ids to int64 (raw ids stay as they are), ts to timestamp[us, UTC]; extra columns untouched."""
+def to_log_ts(col: Union[pa.Array, pa.ChunkedArray], path: str, name: str = TS,
+              unit: Optional[str] = None) -> Union[pa.Array, pa.ChunkedArray]:
+    """A timestamp column, or integers counting `unit` (s, ms, us, ns) since the epoch, -> timestamp[us, UTC].
+
+    Exact: integers are read as a timestamp of their unit, the conversion a timestamp column of that unit
+    gets (ns are truncated to us, toward zero). A value that does not fit timestamp[us] (beyond about
+    292,000 years from 1970) is a LogError naming the file, the column and the value. The reader and the
+    importer (data/ingest.py) both convert with this.
+    """
+    if pa.types.is_integer(col.type):
+        if unit not in EPOCH_UNITS:
+            raise ValueError(f"integer times need a unit ({', '.join(EPOCH_UNITS)}), got {unit!r}")
+        if col.type != pa.int64():
+            try:
+                col = col.cast(pa.int64())
+            except pa.ArrowInvalid:
+                raise LogError(path, f"column '{name}' has value {pc.max(col).as_py()}, which does not fit "
+                                     "int64") from None
+        col = col.cast(pa.timestamp(unit, tz="UTC"))
+    t = col.type
+    if t == TS_TYPE:
+        return col
+    if t.unit == "ns":
+        return col.cast(TS_TYPE, safe=False)  # truncates; the tie rule then orders same-us events by item id
+    try:
+        return col.cast(TS_TYPE)  # s, ms: checked multiplication
+    except pa.ArrowInvalid:
+        values = pc.fill_null(col.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+        bound = _INT64_MAX // _US_PER[t.unit]
+        bad = values[(values > bound) | (values < -bound)]
+        shown = bad[0] if len(bad) else "?"
+        raise LogError(path, f"column '{name}' has value {shown} ({t.unit} since 1970-01-01), outside the range "
+                             "of timestamp[us] (about 292,000 years either side of 1970)") from None
+
+
+def _normalise(batch: pa.RecordBatch, path: str, raw_ids: bool = False, *, ts_unit: str = "timestamp") -> pa.Table:
+    """ids to int64 (raw ids stay as they are), ts to timestamp[us, UTC] (integers: `ts_unit`s since the
+    epoch, see to_log_ts); extra columns untouched."""
     table = pa.Table.from_batches([batch])
     for name in () if raw_ids else (USER, ITEM):
         col = table.column(name)
@@ -213,8 +279,7 @@ def _normalise(batch: pa.RecordBatch, path: str, raw_ids: bool = False) -> pa.Ta
             table = table.set_column(table.schema.get_field_index(name), name, col)
     col = table.column(TS)
     if col.type != TS_TYPE:
-        # ns -> us truncates; the tie rule then orders the events by item id
-        table = table.set_column(table.schema.get_field_index(TS), TS, col.cast(TS_TYPE, safe=False))
+        table = table.set_column(table.schema.get_field_index(TS), TS, to_log_ts(col, path, TS, ts_unit))
     return table
 
 
@@ -280,15 +345,17 @@ def iter_file(
     batch_rows: int = 1 << 20,
     raw_ids: bool = False,
     ids: Optional[IdMapper] = None,
+    ts_unit: str = "timestamp",
 ) -> Iterator[pa.Table]:
     """Stream one file's valid rows (row group by row group), normalised to LOG_SCHEMA types.
 
     Bad rows are skipped and counted in `report`; once they exceed `max_bad_fraction` of the file's rows
     the file stops the job with a LogError. `raw_ids`: ids as they are (integers or strings), checked for
-    nulls only; `ids`: raw ids mapped to dense int64 ones after validation (implies raw_ids).
+    nulls only; `ids`: raw ids mapped to dense int64 ones after validation (implies raw_ids). `ts_unit`: how
+    an integer `ts` column is read (check_schema, to_log_ts); the day-partition check applies to the result.
     """
     raw_ids = raw_ids or ids is not None
-    pf = open_file(f.path, raw_ids)
+    pf = open_file(f.path, raw_ids, ts_unit=ts_unit)
     total = pf.metadata.num_rows
     allowed = int(max_bad_fraction * total)
     lo = day_start_us(f.day)
@@ -297,7 +364,7 @@ def iter_file(
     try:
         batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
         for batch in batches:
-            table = _normalise(batch, f.path, raw_ids)
+            table = _normalise(batch, f.path, raw_ids, ts_unit=ts_unit)
             keep, counts = _bad_rows(table, lo, raw_ids)
             if counts:
                 skipped.update(counts)

@@ -84,13 +84,14 @@ def build_sequences(
     overwrite: bool = False,
     ids: Optional[IdMapper] = None,
     on_events: Optional[EventsFn] = None,
+    ts_unit: str = "timestamp",
 ) -> SequenceStats:
     """Sequences of the events on days in [start_day, cutoff_day) (None: unbounded), written to `out_dir`.
 
     `cutoff_day` is exclusive: cutoff_day=D keeps the days before D. `ids`: the vocabulary's map from raw to
     dense ids (data/vocab.py), applied as the log is read; None for a log of dense integer ids. `on_events`:
     called with (events read, events in the files) as the read goes on, on the calling thread or a thread
-    of its process.
+    of its process. `ts_unit`: how an integer `ts` column is read (data.ts_unit, data.schema.check_schema).
     """
     out_dir = os.fspath(out_dir)
     prepare_out(out_dir, overwrite)
@@ -98,9 +99,9 @@ def build_sequences(
     if not files:
         raise LogError(log_dir, f"no day partitions in [{start_day or 'start'}, {cutoff_day or 'end'})")
     if backend == "arrow":
-        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events)
+        return _build_arrow(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events, ts_unit)
     if backend == "ray":
-        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events)
+        return _build_ray(files, out_dir, max_bad_fraction, rows_per_bucket, ids, on_events, ts_unit)
     raise ValueError(f"backend must be 'ray' or 'arrow', got {backend!r}")
 
 
@@ -115,13 +116,14 @@ def prepare_out(out_dir: str, overwrite: bool) -> str:
 
 
 def _build_arrow(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_shard: int,
-                 ids: Optional[IdMapper], on_events: Optional[EventsFn]) -> SequenceStats:
+                 ids: Optional[IdMapper], on_events: Optional[EventsFn], ts_unit: str) -> SequenceStats:
     report = SkipReport()
-    total = count_rows(files) if on_events is not None else 0
+    total = count_rows(files, ts_unit=ts_unit) if on_events is not None else 0
     parts = []
     for f in files:
         parts += [t.select([USER, ITEM, TS])
-                  for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids)]
+                  for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids,
+                                     ts_unit=ts_unit)]
         if on_events is not None:
             on_events(report.rows_read, total)
     events = pa.concat_tables(parts).combine_chunks() if parts else LOG_SCHEMA.empty_table()
@@ -146,12 +148,13 @@ def _bucket_of(user: np.ndarray, num_buckets: int) -> np.ndarray:
 
 
 def _read_files(batch: dict, num_buckets: int, max_bad_fraction: float, counter,
-                ids: Optional[IdMapper]) -> Iterator[pa.Table]:
+                ids: Optional[IdMapper], ts_unit: str = "timestamp") -> Iterator[pa.Table]:
     """Ray map task: validate and stream each file, tagging every event with its user's bucket."""
     for path, day in zip(batch["path"], batch["day"]):
         report = SkipReport()
         f = LogFile(dt.date.fromisoformat(str(day)), str(path))
-        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids):
+        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ids=ids,
+                           ts_unit=ts_unit):
             t = t.select([USER, ITEM, TS])
             yield t.append_column("bucket", pa.array(_bucket_of(t.column(USER).to_numpy(), num_buckets)))
         counter.read.remote(report.rows_read)  # no wait: for the progress display only
@@ -164,9 +167,9 @@ def _bucket_to_sequences(table: pa.Table) -> pa.Table:
 
 
 def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows_per_bucket: int,
-               ids: Optional[IdMapper], on_events: Optional[EventsFn]) -> SequenceStats:
+               ids: Optional[IdMapper], on_events: Optional[EventsFn], ts_unit: str) -> SequenceStats:
     ensure_ray()
-    rows = count_rows(files)  # footers only; sizes the shuffle
+    rows = count_rows(files, ts_unit=ts_unit)  # footers only; sizes the shuffle
     num_buckets = max(1, math.ceil(rows / rows_per_bucket))
     counter = SkipCounter.remote()
     # Read tasks of several files (about rows_per_bucket / 2 events each): fewer, larger blocks make the
@@ -181,7 +184,7 @@ def _build_ray(files: list[LogFile], out_dir: str, max_bad_fraction: float, rows
         batch_size=files_per_task,
         batch_format="numpy",
         fn_kwargs={"num_buckets": num_buckets, "max_bad_fraction": max_bad_fraction, "counter": counter,
-                   "ids": ids},
+                   "ids": ids, "ts_unit": ts_unit},
     )
     ds = ds.groupby("bucket", num_partitions=num_buckets).map_groups(_bucket_to_sequences, batch_format="pyarrow")
     try:

@@ -321,13 +321,16 @@ def prepare_held_out(
     overwrite: bool = False,
     ids: Optional[IdMapper] = None,
     on_events: Optional[EventsFn] = None,
+    ts_unit: str = "timestamp",
 ) -> SplitResult:
     """Log -> work_dir/sequences (through eval day) -> work_dir/train + work_dir/eval. `ids`: the vocabulary's
-    raw -> dense map (None: dense integer ids); `on_events`: the sequence build's progress (build_sequences)."""
+    raw -> dense map (None: dense integer ids); `on_events`: the sequence build's progress (build_sequences);
+    `ts_unit`: how an integer `ts` column is read (data.ts_unit)."""
     day = resolve_eval_day(log_dir, eval_day)
-    require_day(log_dir, day)
+    require_day(log_dir, day, ts_unit=ts_unit)
     seq_dir = os.path.join(os.fspath(work_dir), "sequences")
     build_sequences(log_dir, seq_dir, day + dt.timedelta(days=1), backend, max_bad_fraction=max_bad_fraction,
-                    rows_per_bucket=rows_per_bucket, overwrite=overwrite, ids=ids, on_events=on_events)
+                    rows_per_bucket=rows_per_bucket, overwrite=overwrite, ids=ids, on_events=on_events,
+                    ts_unit=ts_unit)
     return held_out_day_split(seq_dir, work_dir, day, query_len, train_days=train_days, min_history=min_history,
                               backend=backend, overwrite=overwrite, oov=ids.oov if ids is not None else 0)

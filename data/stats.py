@@ -20,11 +20,13 @@ def item_counts(
     *,
     max_bad_fraction: float = 0.001,
     report: Optional[SkipReport] = None,
+    ts_unit: str = "timestamp",
 ) -> np.ndarray:
     """Events per item id over `days`, as int64 of shape (num_items + 1,); index 0 (padding) is always 0.
 
     `days`: None for every day, or an iterable of days (dates or YYYY-MM-DD). Rows are validated like every
-    other reader (bad rows skipped and counted in `report`); an id above num_items is a LogError.
+    other reader (bad rows skipped and counted in `report`); an id above num_items is a LogError. `ts_unit`:
+    how an integer `ts` column is read (data.ts_unit, data.schema.check_schema).
     """
     wanted = None if days is None else {to_date(d) for d in days}
     report = report if report is not None else SkipReport()
@@ -32,7 +34,7 @@ def item_counts(
     for f in list_files(log_dir):
         if wanted is not None and f.day not in wanted:
             continue
-        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[]):
+        for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], ts_unit=ts_unit):
             ids = t.column(ITEM)
             if len(ids) == 0:
                 continue
@@ -61,11 +63,12 @@ def window_days(eval_day: DayLike, train_days: int, log_days: Iterable[dt.date])
     return [x for x in log_days if lo <= x < d]
 
 
-def num_items(log_dir: PathLike) -> int:
+def num_items(log_dir: PathLike, *, ts_unit: str = "timestamp") -> int:
     """The largest item id of a log (model.num_items must be at least this).
 
     From `_synth.json` (a log of dense generator ids) / `_movielens.json` when present, else from the Parquet
-    row-group statistics (footers only, no data read); a file without statistics is scanned.
+    row-group statistics (footers only, no data read); a file without statistics is scanned. `ts_unit`: as
+    for item_counts.
     """
     root = os.fspath(log_dir)
     for meta, key in (("_synth.json", ("config", "items")), ("_movielens.json", ("items",))):
@@ -80,13 +83,13 @@ def num_items(log_dir: PathLike) -> int:
             return int(value)
     top = 0
     for f in list_files(root):
-        md = open_file(f.path).metadata  # a LogError for a file that is no usable log file
+        md = open_file(f.path, ts_unit=ts_unit).metadata  # a LogError for a file that is no usable log file
         col = md.schema.to_arrow_schema().get_field_index(ITEM)
         for g in range(md.num_row_groups):
             st = md.row_group(g).column(col).statistics
             if st is None or not st.has_min_max:
                 top = max(top, max((pc.max(t.column(ITEM)).as_py() or 0 for t in iter_file(
-                    f, max_bad_fraction=1.0, report=SkipReport(), columns=[])), default=0))
+                    f, max_bad_fraction=1.0, report=SkipReport(), columns=[], ts_unit=ts_unit)), default=0))
                 break
             top = max(top, int(st.max))
     return top

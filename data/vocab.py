@@ -163,14 +163,15 @@ class Vocabulary:
 # ---------------------------------------------------------------- deciding
 
 
-def id_types(log_dir: PathLike) -> tuple[pa.DataType, pa.DataType]:
-    """(user_id, item_id) types of the log's first file; LogError if files disagree on their kind."""
+def id_types(log_dir: PathLike, *, ts_unit: str = "timestamp") -> tuple[pa.DataType, pa.DataType]:
+    """(user_id, item_id) types of the log's first file; LogError if files disagree on their kind. `ts_unit`
+    (data.ts_unit): how an integer `ts` column is read, here and in every function below."""
     files = list_files(log_dir)
     if not files:
         raise LogError(log_dir, "the log has no files")
     types = []
     for f in files:
-        schema = open_file(f.path, raw_ids=True).schema_arrow  # a LogError for a file that is not a log
+        schema = open_file(f.path, raw_ids=True, ts_unit=ts_unit).schema_arrow  # a LogError: not a log file
         types.append((schema.field(USER).type, schema.field(ITEM).type))
     for (u, i), f in zip(types, files):
         for name, t, first in ((USER, u, types[0][0]), (ITEM, i, types[0][1])):
@@ -180,27 +181,29 @@ def id_types(log_dir: PathLike) -> tuple[pa.DataType, pa.DataType]:
 
 
 def needs_vocabulary(log_dir: PathLike, cfg: VocabConfig,
-                     types: Optional[tuple[pa.DataType, pa.DataType]] = None) -> bool:
+                     types: Optional[tuple[pa.DataType, pa.DataType]] = None, *, ts_unit: str = "timestamp") -> bool:
     """build=always/never as configured; auto: string ids, or more possible item ids than events (hashes).
     `types`: id_types(log_dir) when the caller has them."""
     if cfg.build != "auto":
         return cfg.build == "always"
-    user_t, item_t = types if types is not None else id_types(log_dir)
+    user_t, item_t = types if types is not None else id_types(log_dir, ts_unit=ts_unit)
     if not (pa.types.is_integer(user_t) and pa.types.is_integer(item_t)):
         return True
     if cfg.min_count > 1 or cfg.max_items:
         return True
-    return num_items(log_dir) > count_rows(list_files(log_dir))
+    return num_items(log_dir, ts_unit=ts_unit) > count_rows(list_files(log_dir), ts_unit=ts_unit)
 
 
 # ---------------------------------------------------------------- building
 
 
-def _file_counts(f: LogFile, column: str, max_bad_fraction: float) -> tuple[pa.Table, SkipReport]:
+def _file_counts(f: LogFile, column: str, max_bad_fraction: float,
+                 ts_unit: str = "timestamp") -> tuple[pa.Table, SkipReport]:
     """(raw_id, count) of one file's valid rows."""
     report = SkipReport()
     parts = []
-    for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], raw_ids=True):
+    for t in iter_file(f, max_bad_fraction=max_bad_fraction, report=report, columns=[], raw_ids=True,
+                       ts_unit=ts_unit):
         vc = pc.value_counts(t.column(column).combine_chunks())
         parts.append(pa.table({RAW: vc.field("values"), COUNT: vc.field("counts")}))
     if not parts:
@@ -216,20 +219,21 @@ def _merge(parts: Iterable[pa.Table]) -> pa.Table:
 _ROWS_PER_PARTITION = 4_000_000
 
 
-def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: str) -> pa.Table:
+def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: str,
+           ts_unit: str = "timestamp") -> pa.Table:
     if backend == "arrow":
-        return _merge([_file_counts(f, column, max_bad_fraction)[0] for f in files])
+        return _merge([_file_counts(f, column, max_bad_fraction, ts_unit)[0] for f in files])
     ensure_ray()
 
-    def count_batch(batch: dict) -> pa.Table:
+    def count_batch(batch: dict) -> pa.Table:  # a Ray task; its arguments travel in the closure
         return _merge([_file_counts(LogFile(dt.date.fromisoformat(str(day)), str(path)), column,
-                                    max_bad_fraction)[0] for path, day in zip(batch["path"], batch["day"])])
+                                    max_bad_fraction, ts_unit)[0] for path, day in zip(batch["path"], batch["day"])])
 
     items = [{"path": f.path, "day": f.day.isoformat()} for f in files]
     read_tasks = max(1, min(len(items), 64))
     # Sized from the footers' row count (a bound on the distinct ids), not Ray's default of 200 partitions:
     # a hash shuffle of 200 aggregator actors takes about 15 s to start on a laptop for a log of any size.
-    partitions = max(1, min(200, math.ceil(count_rows(files) / _ROWS_PER_PARTITION)))
+    partitions = max(1, min(200, math.ceil(count_rows(files, ts_unit=ts_unit) / _ROWS_PER_PARTITION)))
     ds = ray.data.from_items(items, override_num_blocks=read_tasks)
     ds.context.shuffle_strategy = shuffle_strategy(read_tasks, partitions)  # this dataset's context only
     try:
@@ -246,14 +250,15 @@ def _count(files: list[LogFile], column: str, max_bad_fraction: float, backend: 
 
 def build_vocabulary(log_dir: PathLike, days: Optional[Iterable], cfg: VocabConfig, *,
                      max_bad_fraction: float = 0.001, backend: str = "ray",
-                     user_type: Optional[pa.DataType] = None) -> Vocabulary:
+                     user_type: Optional[pa.DataType] = None, ts_unit: str = "timestamp") -> Vocabulary:
     """The vocabulary of the training window `days` (None: every day); string user ids over all days.
-    `user_type`: the log's user_id type when the caller has it (id_types), else read from the footers."""
-    user_type = user_type if user_type is not None else id_types(log_dir)[0]
+    `user_type`: the log's user_id type when the caller has it (id_types), else read from the footers.
+    `ts_unit`: how an integer `ts` column is read (data.ts_unit)."""
+    user_type = user_type if user_type is not None else id_types(log_dir, ts_unit=ts_unit)[0]
     wanted = None if days is None else set(days)
     files = list_files(log_dir)
     window = [f for f in files if wanted is None or f.day in wanted]
-    counts = _count(window, ITEM, max_bad_fraction, backend)
+    counts = _count(window, ITEM, max_bad_fraction, backend, ts_unit)
     order = pc.sort_indices(counts, sort_keys=[(COUNT, "descending"), (RAW, "ascending")])
     counts = counts.take(order)
     keep = pc.greater_equal(counts.column(COUNT), cfg.min_count)
@@ -268,7 +273,7 @@ def build_vocabulary(log_dir: PathLike, days: Optional[Iterable], cfg: VocabConf
     dropped = counts.slice(kept.num_rows) if cfg.max_items else counts.filter(pc.invert(keep))
     users = None
     if not pa.types.is_integer(user_type):
-        user_ids = _count(files, USER, max_bad_fraction, backend).column(RAW)
+        user_ids = _count(files, USER, max_bad_fraction, backend, ts_unit).column(RAW)
         user_ids = user_ids.take(pc.sort_indices(user_ids))
         users = pa.table({RAW: user_ids, ROW: pa.array(np.arange(1, len(user_ids) + 1), pa.int64())})
     return Vocabulary(items, users, dropped_items=dropped.num_rows,

@@ -18,9 +18,10 @@ BAD_DATA = {
     "shuffle_buffer": 0,
     "rows_per_bucket": 0,
     "vocab": 3,
+    "ts_unit": "minutes",
 }
 BAD_SYNTH = {
-    "users": 0, "items": 0, "days": 0, "seed": -1, "events_per_user": 1.0, "zipf_s": -1.0,
+    "users": 0, "items": 0, "days": 0, "seed": -1, "events_per_user": 1.0, "events_sigma": -0.5, "zipf_s": -1.0,
     "p_transition": 1.5, "p_repeat": -0.1, "neighbours": 0, "lag_min": 0, "lag_max": 0,
     "new_item_fraction": 1.0, "session_len": 0.5, "start_day": "tomorrow", "users_per_chunk": 0, "workers": -1,
     "raw_ids": "uuid",

@@ -101,3 +101,50 @@ def test_cli_prints_one_error_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "data.ingest", str(tmp_path / "ok.csv"), "--out", str(tmp_path / "l")],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and json.loads(out.stdout)["events"] == 1
+
+
+ML_ROWS = [(196, 242, 3, 978_307_250), (22, 377, 1, 978_307_210), (196, 1000, 4, 978_393_605)]  # ml-1m style
+
+
+def test_movielens_1m_preset_from_the_command_line(tmp_path):
+    """ratings.dat (user::item::rating::seconds, no header): the exact command of the docs; the empty fields
+    between the two ':' of each '::' are not carried."""
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{s}\n" for u, i, r, s in ML_ROWS))
+    out = subprocess.run([sys.executable, "-m", "data.ingest", "ratings.dat", "--out", str(tmp_path / "log"),
+                          "--preset", "movielens-1m"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["events"] == 3 and json.loads(out.stdout)["days"] == 2
+    rows = _log(tmp_path / "log")
+    assert set(rows[0]) == {"user_id", "item_id", "ts", "rating"}
+    assert sorted((r["user_id"], r["item_id"], r["rating"], int(r["ts"].timestamp())) for r in rows) == \
+        sorted(ML_ROWS)
+
+
+def test_a_preset_keeps_its_own_dropped_columns_with_drop(tmp_path):
+    from data.ingest import main
+    (tmp_path / "ratings.dat").write_text("".join(f"{u}::{i}::{r}::{s}\n" for u, i, r, s in ML_ROWS))
+    assert main([str(tmp_path / "ratings.dat"), "--out", str(tmp_path / "log"), "--preset", "movielens-1m",
+                 "--drop", "rating"]) == 0
+    assert set(_log(tmp_path / "log")[0]) == {"user_id", "item_id", "ts"}
+
+
+def test_recbole_inter_preset(tmp_path):
+    """A RecBole atomic file: tab separated, a header of name:type fields (the names become the columns), ids
+    are tokens (titles with spaces, commas and quotes are kept as they are)."""
+    inter = tmp_path / "ml-1m.inter"
+    inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                     '7\tToy Story (1995)\t4\t978307250\n'
+                     '7\t"Heat", the film\t5\t978307251\n'
+                     '9\tToy Story (1995)\t3\t978393605\n')
+    summary = ingest([inter], tmp_path / "log", PRESETS["recbole"])
+    assert (summary["events"], summary["user_id"], summary["item_id"], summary["days"]) == (3, "int", "str", 2)
+    rows = _log(tmp_path / "log")
+    assert set(rows[0]) == {"user_id", "item_id", "ts", "rating"}
+    assert [(r["user_id"], r["item_id"], r["rating"], int(r["ts"].timestamp())) for r in rows] == [
+        (7, "Toy Story (1995)", 4, 978307250), (7, '"Heat", the film', 5, 978307251),
+        (9, "Toy Story (1995)", 3, 978393605)]
+    bad = tmp_path / "bad.inter"
+    bad.write_text("uid:token\titem_id:token\ttimestamp:float\n1\t2\t3\n")
+    with pytest.raises(LogError, match="missing column 'user_id'"):
+        ingest([bad], tmp_path / "log2", PRESETS["recbole"])
