@@ -39,7 +39,6 @@ from data.schema import DAY_US, TS_TYPE, PathLike, day_start_us, list_days
 
 META = "_synth.json"
 POP, TRANSITION, REPEAT = 0, 1, 2
-_SIGMA = 1.0  # log-normal spread of events per user
 _MAX_EVENTS_FACTOR = 50  # events per user are clipped to this multiple of the mean
 _GAP_S = 60.0  # mean seconds between events of a session
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
@@ -161,8 +160,9 @@ class Process:
 
 
 def _event_counts(cfg: SynthConfig, rng: np.random.Generator, n: int) -> np.ndarray:
-    mu = np.log(cfg.events_per_user) - _SIGMA**2 / 2  # so the mean is events_per_user
-    e = np.rint(np.exp(mu + _SIGMA * rng.standard_normal(n)))
+    sigma = cfg.events_sigma  # log-normal spread (0: every user has events_per_user events)
+    mu = np.log(cfg.events_per_user) - sigma**2 / 2  # so the mean is events_per_user
+    e = np.rint(np.exp(mu + sigma * rng.standard_normal(n)))
     return np.clip(e, 2, _MAX_EVENTS_FACTOR * cfg.events_per_user).astype(np.int64)
 
 
@@ -319,6 +319,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--events-per-user", type=float, default=SynthConfig.events_per_user)
+    p.add_argument("--events-sigma", type=float, default=SynthConfig.events_sigma,
+                   help="log-normal sigma of the events per user (0: every user has --events-per-user)")
     p.add_argument("--start-day", default=SynthConfig.start_day)
     p.add_argument("--users-per-chunk", type=int, default=SynthConfig.users_per_chunk)
     p.add_argument("--workers", type=int, default=0)
@@ -326,6 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg = SynthConfig(
             users=a.users, items=a.items, days=a.days, seed=a.seed, events_per_user=a.events_per_user,
+            events_sigma=a.events_sigma,
             start_day=a.start_day, users_per_chunk=a.users_per_chunk, workers=a.workers,
         )
         generate(cfg, a.out)
