@@ -11,13 +11,20 @@ Users with one event give no window. The last (oldest) window of a user is the o
 
 Order and resumption. An epoch's batches are a pure function of (seed, epoch, rank, world_size) and the
 files: the share's row-group pieces are visited in an order permuted by (seed, epoch), and windows are
-shuffled in buffers of `shuffle_buffer` windows with a generator seeded by (seed, epoch, rank).
-`state_dict()` is (epoch, batches consumed); a restored loader replays the epoch up to that point without
-building tensors and then yields exactly the batches an uninterrupted loader would have.
+shuffled in buffers of `shuffle_buffer` windows with a generator seeded by (seed, epoch, rank): rank r's
+"stream" of world W. `state_dict()` is (epoch, batches consumed, and the plan of the epoch when it is not the
+rank's own stream); a restored loader replays the epoch up to that point without building tensors and then
+yields exactly the batches an uninterrupted loader would have.
+
+Another world size. The position is kept in global terms: `reshard_state` takes every old rank's state and
+gives a rank of the new world its share of what the epoch has left, as a plan of segments (W, r, start, stop)
+= batches start..stop-1 of rank r's stream of world W. The remaining batches of all old ranks, in rank order,
+are split into contiguous runs of nearly equal length, so no window is skipped or repeated in the epoch; the
+next epoch is the new world's own.
 """
 
 import os
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +35,7 @@ from data.sequences import list_parts, sequence_files
 from data.shards import RowShard
 
 Batch = dict[str, torch.Tensor]
+Segment = tuple[int, int, int, int]  # (world size, rank, first batch, end batch) of one stream
 
 
 def cut_windows(user: np.ndarray, off: np.ndarray, items: np.ndarray, seq_len: int):
@@ -69,26 +77,50 @@ class WindowLoader:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.rank, self.world_size, self.read_rows = rank, world_size, read_rows
-        self.shard = RowShard(sequence_files(source), rank, world_size)
+        self.files = sequence_files(source)
+        self.shard = RowShard(self.files, rank, world_size)
         self.epoch = 0
         self.batches_consumed = 0
+        self.plan: Optional[tuple[int, list[Segment]]] = None  # (epoch, segments) when not the own stream
+        self._own_batches: Optional[int] = None
 
     # ------------------------------------------------------------ position
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed}
+        plan = self._plan()
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "seed": self.seed,
+                "world_size": self.world_size, "rank": self.rank,
+                "plan": None if plan is None else {"epoch": self.epoch, "segments": [list(s) for s in plan]}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        if (state.get("world_size", self.world_size), state.get("rank", self.rank)) != (self.world_size, self.rank):
+            raise ValueError(f"loader state of rank {state['rank']} of {state['world_size']} given to rank "
+                             f"{self.rank} of {self.world_size}; use reshard_state")
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
+        plan = state.get("plan")
+        self.plan = None if plan is None else (int(plan["epoch"]), [tuple(map(int, s)) for s in plan["segments"]])
+
+    def _plan(self) -> Optional[list[Segment]]:
+        """This epoch's segments when it is not this rank's own stream (a resharded epoch), else None."""
+        return self.plan[1] if self.plan is not None and self.plan[0] == self.epoch else None
 
     def num_batches(self) -> int:
-        """Batches per epoch: the same every epoch (the order changes, the windows do not). Counted from the
-        list lengths of this share's rows (one read of its item lists), without cutting any window."""
+        """Batches in the current epoch. The own stream has the same count every epoch (the order changes,
+        the windows do not), counted once from the list lengths of the share's rows, without cutting windows."""
+        plan = self._plan()
+        if plan is not None:
+            return sum(stop - start for _, _, start, stop in plan)
+        if self._own_batches is None:
+            self._own_batches = self.stream_batches(self.world_size, self.rank)
+        return self._own_batches
+
+    def stream_batches(self, world_size: int, rank: int) -> int:
+        """Batches per epoch of rank `rank`'s stream in a world of `world_size` (one read of its item lists)."""
         windows = 0
-        for table in self.shard.iter_tables(["item_ids"], self.read_rows):
+        for table in RowShard(self.files, rank, world_size).iter_tables(["item_ids"], self.read_rows):
             off, _ = list_parts(table.column("item_ids"))
             n = np.diff(off)
             windows += int(np.where(n >= 2, (n - 2) // self.seq_len + 1, 0).sum())
@@ -99,7 +131,7 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip = self.epoch, self.batches_consumed
-        for i, (user, inp, tgt) in enumerate(self._epoch_arrays(epoch)):
+        for i, (user, inp, tgt) in enumerate(self._epoch_batches(epoch)):
             if i < skip:
                 continue  # replaying up to the restored position: no tensors built
             self.batches_consumed = i + 1
@@ -110,12 +142,26 @@ class WindowLoader:
             }
         self.epoch, self.batches_consumed = epoch + 1, 0
 
-    def _epoch_arrays(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
+    def _epoch_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        plan = self._plan()
+        if plan is None:
+            yield from self._stream(epoch, self.shard, self.rank)
+            return
+        for world, rank, start, stop in plan:
+            shard = RowShard(self.files, rank, world)
+            for i, arrays in enumerate(self._stream(epoch, shard, rank)):
+                if i >= stop:
+                    break
+                if i >= start:
+                    yield arrays
+
+    def _stream(self, epoch: int, shard: RowShard, rank: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Rank `rank`'s batches of `epoch` over `shard`: (user (B,), input ids (B, L), targets (B, L))."""
+        rng = np.random.default_rng([self.seed, epoch, rank])
         pending: list = []  # window arrays not yet shuffled
         carry = None  # (user, inp, tgt) left over from the last buffer, fewer than B windows
         n_pending = 0
-        for user, off, items in self._rows(epoch):
+        for user, off, items in self._rows(epoch, shard):
             pending.append(cut_windows(user, off, items, self.seq_len))
             n_pending += len(pending[-1][0])
             if n_pending >= self.shuffle_buffer:
@@ -141,15 +187,57 @@ class WindowLoader:
             return None
         return rest
 
-    def _rows(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(user (R,), offsets (R+1,), flat items) batches of sequence rows, in this epoch's order."""
-        for table in self._tables(epoch):
+    def _rows(self, epoch: int, shard: RowShard) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(user (R,), offsets (R+1,), flat items) batches of the shard's sequence rows, in this epoch's order."""
+        for table in self._tables(epoch, shard):
             if table.num_rows:
                 off, items = list_parts(table.column("item_ids"))
                 yield table.column(USER).to_numpy(), off, items
 
-    def _tables(self, epoch: int) -> Iterator[pa.Table]:
-        return self.shard.iter_tables([USER, "item_ids"], self.read_rows, order_seed=(self.seed, epoch))
+    def _tables(self, epoch: int, shard: RowShard) -> Iterator[pa.Table]:
+        return shard.iter_tables([USER, "item_ids"], self.read_rows, order_seed=(self.seed, epoch))
+
+
+def remaining_segments(state: dict, stream_batches: Callable[[int, int], int]) -> list[Segment]:
+    """What one rank's saved state leaves of its epoch, as segments. `stream_batches(world, rank)`: the batch
+    count of a stream (asked only for a rank that was on its own stream)."""
+    plan = state.get("plan")
+    if plan is not None and int(plan["epoch"]) == int(state["epoch"]):
+        segments = [tuple(map(int, s)) for s in plan["segments"]]
+    else:
+        world, rank = int(state.get("world_size", 1)), int(state.get("rank", 0))
+        segments = [(world, rank, 0, stream_batches(world, rank))]
+    skip, out = int(state["batches_consumed"]), []
+    for world, rank, start, stop in segments:
+        taken = min(skip, stop - start)
+        skip -= taken
+        if start + taken < stop:
+            out.append((world, rank, start + taken, stop))
+    return out
+
+
+def reshard_state(states: Sequence[dict], world_size: int, rank: int,
+                  stream_batches: Callable[[int, int], int]) -> dict:
+    """The state of rank `rank` of `world_size` that continues the epoch the old ranks' `states` (in rank
+    order) were in: its contiguous share of their remaining batches (module docstring)."""
+    epochs = {int(s["epoch"]) for s in states}
+    if len(epochs) != 1:
+        raise ValueError(f"the saved ranks are at different epochs {sorted(epochs)}")
+    epoch = epochs.pop()
+    base = {"epoch": epoch, "batches_consumed": 0, "seed": states[0].get("seed"), "world_size": world_size,
+            "rank": rank, "plan": None}
+    if all(int(s["batches_consumed"]) == 0 and s.get("plan") is None for s in states):
+        return base  # at an epoch boundary: the new world's own streams
+    left = [seg for s in states for seg in remaining_segments(s, stream_batches)]
+    total = sum(stop - start for _, _, start, stop in left)
+    lo, hi = rank * total // world_size, (rank + 1) * total // world_size
+    mine, pos = [], 0  # pos: index of the segment's first batch among all remaining ones
+    for world, old_rank, start, stop in left:
+        a, b = max(lo, pos), min(hi, pos + stop - start)
+        if a < b:
+            mine.append([world, old_rank, start + a - pos, start + b - pos])
+        pos += stop - start
+    return {**base, "plan": {"epoch": epoch, "segments": mine}}
 
 
 def make_loader(source: Union[str, os.PathLike], *, seq_len: int, batch_size: int, seed: int,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.config import SynthConfig
-from data.loader import WindowLoader, cut_windows
+from data.loader import WindowLoader, cut_windows, reshard_state
 from data.sequences import build_sequences, list_parts, read_sequences
 from data.synth import generate
 
@@ -162,3 +162,65 @@ def test_two_ranks_get_balanced_batches_of_a_single_file(tmp_path):
     counts = [len(list(WindowLoader(tmp_path / "seq", seq_len=L, batch_size=B, rank=r, world_size=2)))
               for r in (0, 1)]
     assert min(counts) > 2 and min(counts) >= 0.8 * max(counts)
+
+
+def _windows(batches) -> Counter:
+    """Multiset of whole windows (user, inputs, targets): a window trained twice counts twice."""
+    return Counter((u, tuple(i), tuple(t)) for b in batches
+                   for u, i, t in zip(b["user_ids"].tolist(), b["input_ids"].tolist(), b["targets"].tolist()))
+
+
+def _interrupted(seq_dir, world: int, steps: int, states=None):
+    """`world` loaders after `steps` agreed steps of their epoch (a rank out of data stops early), restored
+    from `states` (resharded) when given: (their batches, their states)."""
+    loaders = [WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64, rank=r, world_size=world)
+               for r in range(world)]
+    if states is not None:
+        for r, loader in enumerate(loaders):
+            loader.load_state_dict(reshard_state(states, world, r, loader.stream_batches))
+    taken = []
+    for loader in loaders:
+        it = iter(loader)
+        for _ in range(min(steps, loader.num_batches() - loader.batches_consumed)):
+            taken.append(next(it))
+    return taken, [loader.state_dict() for loader in loaders], loaders
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (2, 3), (3, 2, 1)])
+def test_resharded_epoch_trains_every_window_once(seq_dir, worlds):
+    """An epoch interrupted on one world size and continued on others holds every window exactly once,
+    and the new ranks' shares differ by at most one batch."""
+    whole = _windows(WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64))
+    taken, states, _ = _interrupted(seq_dir, worlds[0], steps=3)
+    for world in worlds[1:]:
+        more, states, loaders = _interrupted(seq_dir, world, steps=2, states=states)
+        counts = [loader.num_batches() for loader in loaders]
+        assert max(counts) - min(counts) <= 1
+        taken += more
+    rest = []
+    for state in states:  # finish the epoch on the last world
+        loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64, rank=state["rank"],
+                              world_size=state["world_size"])
+        loader.load_state_dict(state)
+        rest += list(loader)
+        assert loader.epoch == 1 and loader.state_dict()["plan"] is None  # the next epoch is the world's own
+    assert _windows(taken + rest) == whole
+    assert len(taken) > 0 and len(rest) > 0
+
+
+def test_reshard_at_an_epoch_boundary_uses_the_new_worlds_streams(seq_dir):
+    loaders = [WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64, rank=r, world_size=2)
+               for r in range(2)]
+    for loader in loaders:
+        list(loader)  # the whole epoch
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s["batches_consumed"] == 0 and s["epoch"] == 1 for s in states)
+    new = reshard_state(states, 3, 1, loaders[0].stream_batches)
+    assert new == {**new, "epoch": 1, "batches_consumed": 0, "plan": None, "rank": 1, "world_size": 3}
+
+
+def test_loader_state_of_another_rank_is_refused(seq_dir):
+    _, states, _ = _interrupted(seq_dir, 2, steps=1)
+    loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=3, shuffle_buffer=64, rank=0, world_size=3)
+    with pytest.raises(ValueError, match="reshard_state"):
+        loader.load_state_dict(states[0])

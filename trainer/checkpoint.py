@@ -1,12 +1,19 @@
 """The checkpoint format and its checks, shared by the driver and the workers.
 
 A checkpoint is one Ray Train checkpoint directory: table/ (the sharded table and its fused optimizer state,
-torch.distributed.checkpoint), dense/ (the DeepSpeed state), loader/rankR.json (each rank's data position),
-trainer/rankR.pt (step, generators, early-stopping state), meta.json (rank 0: config fingerprint, world size,
-step, epoch) and manifests/rankR.json (every file a rank wrote, with size and CRC-32). Workers write and read
-it (trainer/worker/checkpointer.py); the driver checks it before any worker starts (`check_resumable`). The
-checks read a local directory or a storage URI alike, through pyarrow.fs, and name the file or the config key
-that is wrong, so a corrupt, incomplete or incompatible checkpoint is refused and never half-loaded.
+torch.distributed.checkpoint), dense/ (the DeepSpeed state), dense_full.pt (rank 0: the same as full tensors,
+for another world size), loader/rankR.json (each rank's data position), trainer/rankR.pt (step, generators,
+early-stopping state), meta.json (rank 0: config fingerprint, world size, the table's sharding type, step,
+epoch) and manifests/rankR.json (every file a rank wrote, with size and CRC-32).
+
+It loads on another number of workers or another sharding (`--resume` with a new distributed.num_workers or
+distributed.sharding): DCP reshards the table and its optimizer state, the dense tower is loaded from
+dense_full.pt, and the data position is continued in global terms (data/loader.py `reshard_state`).
+
+Workers write and read it (trainer/worker/checkpointer.py); the driver checks it before any worker starts
+(`check_resumable`). The checks read a local directory or a storage URI alike, through pyarrow.fs, and name
+the file or the config key that is wrong, so a corrupt, incomplete or incompatible checkpoint is refused and
+never half-loaded.
 """
 
 import json
@@ -23,9 +30,10 @@ from trainer.storage import Location
 # Settings a checkpoint's tensors depend on; any difference makes it unloadable.
 COMPATIBLE_KEYS = [
     "model.num_items", "model.dim", "model.num_layers", "model.max_seq_len", "model.mixer", "model.kernel_size",
-    "model.num_heads", "model.ffn_mult", "distributed.num_workers", "distributed.zero_stage",
-    "distributed.precision", "distributed.sharding",
+    "model.num_heads", "model.ffn_mult", "distributed.zero_stage", "distributed.precision",
 ]
+DENSE_FULL = "dense_full.pt"
+COLUMN_WISE = "column_wise"
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -95,6 +103,22 @@ def check_compatible(root: Location, cfg: Config, meta: Optional[dict[str, Any]]
         raise UserError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
 
 
+def check_reshardable(root: Location, meta: dict[str, Any], world_size: int, sharding: str) -> None:
+    """Refuse a change of world size or sharding that cannot be loaded exactly. `sharding`: the table's sharding
+    type now ('auto' on the driver, where the planner has not chosen yet). Column-wise tables keep FBGEMM's
+    row-wise Adagrad statistic per column block, and their column split follows the world size."""
+    saved_world, saved = meta["world_size"], meta.get("table_sharding", "auto")
+    cw = COLUMN_WISE
+    moved_off = saved == cw and (saved_world != world_size or sharding not in (cw, "auto"))
+    if moved_off or sharding == cw and saved not in (cw, "auto"):
+        raise UserError(f"checkpoint {root} holds a {saved} table of {saved_world} workers; it cannot be resumed "
+                        f"as {sharding} on {world_size} (the column-wise optimizer state is per column block): "
+                        f"resume with distributed.sharding={saved} distributed.num_workers={saved_world}")
+    if saved_world != world_size and "dense_full" not in meta:
+        raise CheckpointError(f"checkpoint {root} was written by {saved_world} workers without {DENSE_FULL}; "
+                              f"resume it with distributed.num_workers={saved_world}")
+
+
 def latest_checkpoint(run_dir: Location) -> Optional[Location]:
     """The checkpoint Ray Train would resume `run_dir` from (its manager's snapshot), or None.
     `run_dir`: a local directory (the answer is a Path) or a URI (the answer is a URI)."""
@@ -114,4 +138,5 @@ def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
     meta = read_meta(ckpt)
     verify(ckpt, meta["world_size"])
     check_compatible(ckpt, cfg, meta)
+    check_reshardable(ckpt, meta, cfg.distributed.num_workers, cfg.distributed.sharding)
     return ckpt

@@ -8,9 +8,10 @@ embedding shard; tests/test_parallel.py shows the trap). The step that uses it i
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config
@@ -94,3 +95,86 @@ def engine_dtype(engine: "DeepSpeedEngine") -> torch.dtype:
 
 def _is_torchrec_module(module: nn.Module) -> bool:
     return type(module).__module__.startswith("torchrec.")
+
+
+# ---------------------------------------------------------------- world-size-free state
+# DeepSpeed's own checkpoint of ZeRO 1/2 (and of its bf16 optimizer) holds each data-parallel rank's partition
+# of the fp32 master weights and optimizer state, and refuses another world size. This state is full tensors
+# per parameter name: any world size, ZeRO stage 0-2 and precision can load it.
+
+
+def _master(engine: "DeepSpeedEngine", p: nn.Parameter) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
+    """(the flat fp32 partition holding part of `p`, (its offset there, offset in p, numel)), (None, None)
+    when this rank holds none of it, or (p, None) when the optimizer steps `p` itself (no partitioning)."""
+    if hasattr(p, "_hp_mapping"):  # ZeRO 1/2 or the bf16 optimizer: fragments of flat fp32 partitions
+        m = p._hp_mapping
+        if m is None:
+            return None, None
+        flat = engine.basic_optimizer.param_groups[m.param_group_index]["params"][0]
+        return flat, (m.hp_fragment_address.start, m.lp_fragment_address.start, m.hp_fragment_address.numel)
+    if any(p is q for g in engine.basic_optimizer.param_groups for q in g["params"]):
+        return p, None
+    opt = engine.optimizer  # bf16 without ZeRO: whole fp32 copies beside the module's bf16 parameters
+    for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", [])):
+        for q, master in zip(low, high):
+            if p is q:
+                return master, None
+    raise NotImplementedError(f"cannot locate the fp32 master of a parameter under {type(engine.optimizer).__name__}")
+
+
+def _gather(p: nn.Parameter, flat: Optional[torch.Tensor], where: Optional[tuple], source: Optional[torch.Tensor],
+            group: Any) -> torch.Tensor:
+    """The full fp32 tensor of `p`'s shape from each rank's fragment of `source` (collective when partitioned)."""
+    if where is None and flat is not None:  # not partitioned: every rank holds the whole tensor
+        return source.detach().float().clone().view_as(p)
+    out = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+    if where is not None:
+        hp0, lp0, n = where
+        out.narrow(0, lp0, n).copy_(source.narrow(0, hp0, n))
+    dist.all_reduce(out, group=group)
+    return out.view_as(p)
+
+
+def full_dense_state(engine: "DeepSpeedEngine") -> dict[str, Any]:
+    """Collective. {"params": {name: fp32 master}, "moments": {name: {key: fp32}}, "step": optimizer steps}."""
+    state = engine.basic_optimizer.state
+    group = engine.optimizer.dp_process_group if hasattr(engine.optimizer, "dp_process_group") else None
+    named = list(engine.module.named_parameters())
+    located = [_master(engine, p) for _, p in named]
+    # optimizer-state keys and step, from any partition this rank holds (every rank holds one)
+    flats = [f for f, _ in located if f is not None and state.get(f)]
+    keys = sorted(k for k, v in state[flats[0]].items() if torch.is_tensor(v) and v.numel() > 1) if flats else []
+    step = float(state[flats[0]]["step"]) if flats else 0.0
+    params, moments = {}, {}
+    for (name, p), (flat, where) in zip(named, located):
+        params[name] = _gather(p, flat, where, flat, group)
+        moments[name] = {k: _gather(p, flat, where, None if flat is None else state[flat][k], group) for k in keys}
+    return {"params": params, "moments": moments, "step": step}
+
+
+@torch.no_grad()
+def load_full_dense_state(engine: "DeepSpeedEngine", saved: dict[str, Any]) -> None:
+    """Write a `full_dense_state` into this engine's module, fp32 masters and optimizer state, whatever its
+    world size and partitioning. The optimizer state of torch AdamW is created here when it does not exist yet
+    (torch creates it lazily at the first step, and then never again)."""
+    state = engine.basic_optimizer.state
+    keys = sorted({k for m in saved["moments"].values() for k in m})
+    for name, p in engine.module.named_parameters():
+        if name not in saved["params"]:
+            raise KeyError(f"the saved dense state has no parameter {name!r}")
+        value = saved["params"][name].to(p.device)
+        p.copy_(value.to(p.dtype))  # the module's (possibly bf16) copy
+        flat, where = _master(engine, p)
+        if flat is None:
+            continue
+        if keys and not state.get(flat):
+            state[flat] = {"step": torch.tensor(saved["step"]), **{k: torch.zeros_like(flat) for k in keys}}
+        targets = [(flat, value)] + [(state[flat][k], saved["moments"][name][k].to(p.device)) for k in keys]
+        for dst, src in targets:
+            if where is None:
+                dst.copy_(src.view_as(dst))
+            else:
+                hp0, lp0, n = where
+                dst.narrow(0, hp0, n).copy_(src.flatten().narrow(0, lp0, n))
+        if keys:
+            state[flat]["step"] = torch.tensor(saved["step"])

@@ -248,6 +248,34 @@ class ShardedItemTable:
             weight.copy_(full[shard.row0 : shard.row0 + shard.rows, shard.col0 : shard.col0 + shard.cols])
 
     @torch.no_grad()
+    def cut_pieces(self, pieces: Sequence[tuple[int, int, torch.Tensor]]) -> list[tuple[int, int, torch.Tensor]]:
+        """Pieces (row0, col0, rows x cols weights) of the table cut by any plan, e.g. every rank's shards of
+        another world size, re-cut to this rank's shards. Raises unless they cover every local element."""
+        out = []
+        for shard, weight in self.local_shards():
+            mine = torch.empty(shard.rows, shard.cols, dtype=weight.dtype)
+            covered = 0
+            for row0, col0, piece in pieces:
+                r0, r1 = max(shard.row0, row0), min(shard.row0 + shard.rows, row0 + piece.shape[0])
+                c0, c1 = max(shard.col0, col0), min(shard.col0 + shard.cols, col0 + piece.shape[1])
+                if r0 < r1 and c0 < c1:
+                    mine[r0 - shard.row0:r1 - shard.row0, c0 - shard.col0:c1 - shard.col0] = \
+                        piece[r0 - row0:r1 - row0, c0 - col0:c1 - col0]
+                    covered += (r1 - r0) * (c1 - c0)
+            if covered != shard.rows * shard.cols:
+                raise ValueError(f"the saved pieces cover {covered} of the {shard.rows * shard.cols} weights of "
+                                 f"rows {shard.row0}..{shard.row0 + shard.rows - 1}, columns {shard.col0}.."
+                                 f"{shard.col0 + shard.cols - 1}")
+            out.append((shard.row0, shard.col0, mine))
+        return out
+
+    @torch.no_grad()
+    def write_pieces(self, pieces: Sequence[tuple[int, int, torch.Tensor]]) -> None:
+        """Fill this rank's shards from pieces of any plan (`cut_pieces`)."""
+        for (_, weight), (_, _, mine) in zip(self.local_shards(), self.cut_pieces(pieces)):
+            weight.copy_(mine)
+
+    @torch.no_grad()
     def gather_full(self) -> torch.Tensor:
         """The whole table on every rank, (num_rows, D). Collective; for tests and small tables."""
         full = torch.zeros(self.num_rows, self.dim, device=self.ctx.device)
@@ -336,7 +364,9 @@ class ShardedItemTable:
     def load(self, path: str) -> None:
         """Collective: read `path` into the live shards and the fused optimizer state.
 
-        Tested with the same plan and world size as at save time.
+        The checkpoint may come from another plan or world size: DCP reads the overlapping parts of the saved
+        shards (tests/test_reshard.py). Column-wise row-wise-Adagrad state is per column block, so a change of
+        the column split is refused before this (trainer/checkpoint.py `check_reshardable`).
         """
         state = self.state_dict()
         dcp.load(state, checkpoint_id=path)

@@ -102,9 +102,9 @@ class Trainer:
         stats = StepStats(self.ctx.device)
         sequences = 0
         window_t = time.perf_counter()
-        my_batches = self.loader.num_batches()  # the same every epoch
         while self.loader.epoch < cfg.epochs and not self._done() and not self._patience_spent():
             self.stack.train()
+            my_batches = self.loader.num_batches()  # counted once; a resharded epoch has its own count
             # ranks hold unequal data; all join every step: the epoch's steps are agreed once
             steps, start = agree_epoch(my_batches, self.loader.batches_consumed)
             for batch in epoch_batches(self.loader, my_batches, steps, start):

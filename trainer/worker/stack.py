@@ -149,11 +149,11 @@ class Stack:
 
     def snapshot(self) -> dict[str, Any]:
         """This rank's weights (its table shards and the dense tower), copied to host memory."""
-        return {"table": [w.detach().cpu().clone() for _, w in self.table.local_shards()],
+        return {"table": [(s.row0, s.col0, w.detach().cpu().clone()) for s, w in self.table.local_shards()],
                 "dense": {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}}
 
     @torch.no_grad()
     def restore(self, weights: dict[str, Any]) -> None:
-        for (_, w), saved in zip(self.table.local_shards(), weights["table"]):
-            w.copy_(saved)
+        """Weights from `snapshot`, of this rank or (table pieces of every rank) of another plan or world size."""
+        self.table.write_pieces(weights["table"])
         self.engine.module.load_state_dict(weights["dense"])

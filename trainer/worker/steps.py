@@ -3,7 +3,7 @@ logging steps): which batch each step gets, and the loss and event counts accumu
 
 Ranks hold unequal data, and every step is a collective, so every rank runs the same number of steps per
 epoch. Instead of agreeing on that before every batch (an all-reduce and a host read per step), the ranks agree
-once per epoch: each counts its batches (`WindowLoader.num_batches`, the same every epoch), one all-reduce
+once per epoch: each counts its batches (`WindowLoader.num_batches`), one all-reduce
 takes the largest count and the position within the epoch (after a restore), and `epoch_batches` gives a rank
 its batches and then None (an empty step) until that count is reached. The loader's epoch rolls over at the
 same step on every rank: after the agreed last step.
