@@ -6,6 +6,7 @@ stopping and the data position all equal what was saved. Refusals: column-wise s
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from data.loader import make_loader
 from data.sequences import build_sequences
 from data.synth import generate
 from tests.helpers import NUM_ITEMS, SEQ, run_distributed, small_stack_config
-from trainer.checkpoint import check_reshardable
+from trainer.checkpoint import check_reshardable, write_manifest
 from trainer.distributed.context import DistContext
 from trainer.distributed.dense import full_dense_state
 from trainer.errors import UserError
@@ -136,6 +137,22 @@ def test_checkpoint_loads_on_another_world_row_for_row(tmp_path, seq_dir, before
                     .num_batches() for r in range(before[0]))
     consumed = sum(s["loader"]["batches_consumed"] for s in saved)
     assert consumed > 0 and sum(o["remaining"] for o in loaded) == old_total - consumed
+
+
+def test_a_loaded_state_that_differs_from_the_saved_one_is_refused(tmp_path, seq_dir):
+    """The checksums rank 0 saved are checked after loading: here the saved weights' checksum is off (as if a
+    resharding had misplaced rows), with the manifest rewritten so that only the checksum can tell."""
+    run_distributed(_save_worker, 2, "row_wise", str(tmp_path), seq_dir)
+    root = tmp_path / "merged"
+    meta = json.loads((root / "meta.json").read_text())
+    assert set(meta["digest"]) >= {"table/weight", "table/item.momentum1"}
+    meta["digest"]["table/weight"] += 1e-3
+    (root / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(root / "manifests")
+    write_manifest(root, 0)  # rank 0's manifest now lists every file
+    (root / "manifests" / "rank1.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="loaded on 3 workers does not match what 2 workers saved: table/weight"):
+        run_distributed(_load_worker, 3, "row_wise", str(tmp_path), seq_dir)
 
 
 def test_column_wise_and_old_checkpoints_refuse_another_world():

@@ -63,3 +63,44 @@ def gather_cols(x: torch.Tensor, world: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
     return torch.cat(parts, dim=1)
+
+
+DIGEST_ROWS = 1 << 16  # rows per chunk of the digest's weights (bounded memory on any table)
+
+
+def sum_digests(local: dict[str, float]) -> dict[str, float]:
+    """Every rank's digest terms summed by name (ranks may hold terms of different names). Collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(local)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    out: dict[str, float] = {}
+    for part in parts:
+        for name, value in part.items():
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+def shard_digest(offsets: tuple[int, ...], size: tuple[int, ...], local: torch.Tensor) -> float:
+    """This rank's term of a position-sensitive checksum of a tensor of global `size` cut into shards: the sum
+    of each element times a pseudo-random weight of its global index. The terms of any sharding of the same
+    tensor add up to the same value (up to float64 rounding), so a reloaded, resharded state can be checked
+    against the saved one without gathering it. `local`: the shard at `offsets`."""
+    if local.numel() == 0:
+        return 0.0
+    shape = local.shape if local.dim() else (1,)
+    t = local.detach().reshape(shape[0], -1).to("cpu", torch.float64)  # (rows, rest)
+    strides = [1] * len(size)
+    for i in range(len(size) - 2, -1, -1):
+        strides[i] = strides[i + 1] * size[i + 1]
+    rest = torch.zeros(1, dtype=torch.int64)  # global offset of each element of a row, (rest,)
+    for dim in range(1, len(shape)):
+        idx = (offsets[dim] + torch.arange(shape[dim])) * strides[dim]
+        rest = (rest[:, None] + idx[None, :]).flatten()
+    total = 0.0
+    for a in range(0, shape[0], DIGEST_ROWS):
+        rows = (offsets[0] + torch.arange(a, min(a + DIGEST_ROWS, shape[0]))) * (strides[0] if size else 1)
+        index = rows[:, None] + rest[None, :]  # (chunk, rest) global linear indices
+        weight = (index % 2147483647 * 2654435761 % 2147483647).double() / 2147483647 + 0.5
+        total += float((t[a:a + DIGEST_ROWS] * weight).sum())
+    return total

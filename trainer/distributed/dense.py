@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import Config
+from trainer.distributed.collectives import shard_digest
 from trainer.distributed.context import DistContext
 
 if TYPE_CHECKING:  # deepspeed is imported only where an engine is built: the driver never loads it
@@ -178,3 +179,13 @@ def load_full_dense_state(engine: "DeepSpeedEngine", saved: dict[str, Any]) -> N
                 dst.narrow(0, hp0, n).copy_(src.flatten().narrow(0, lp0, n))
         if keys:
             state[flat]["step"] = torch.tensor(saved["step"])
+
+
+def dense_digest(full: dict[str, Any]) -> dict[str, float]:
+    """Checksums of a `full_dense_state` (every rank holds it whole: no collective)."""
+    out = {}
+    for name, value in full["params"].items():
+        out[f"dense/{name}"] = shard_digest((0,) * value.dim(), tuple(value.shape), value)
+        for key, moment in full["moments"][name].items():
+            out[f"dense/{name}/{key}"] = shard_digest((0,) * moment.dim(), tuple(moment.shape), moment)
+    return out

@@ -39,7 +39,7 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.types import ParameterSharding, ShardingPlan, ShardingType
 
 from trainer.config import Config
-from trainer.distributed.collectives import even_split
+from trainer.distributed.collectives import even_split, shard_digest, sum_digests
 from trainer.distributed.context import DistContext
 
 TABLE = "item"  # table name == feature name
@@ -356,6 +356,16 @@ class ShardedItemTable:
     def state_dict(self) -> dict[str, Any]:
         """Sharded weights and fused optimizer state (ShardedTensors): DCP saves/loads it in place."""
         return {"weight": self.dmp.state_dict()[WEIGHT_KEY], "optimizer": self.dmp.fused_optimizer.state_dict()}
+
+    def digest(self) -> dict[str, float]:
+        """Checksums of the weights and of each optimizer state tensor, the same under any plan (collective)."""
+        state = self.state_dict()
+        tensors = {"table/weight": state["weight"]}
+        for per_param in state["optimizer"]["state"].values():
+            tensors.update({f"table/{k}": v for k, v in per_param.items() if hasattr(v, "local_shards")})
+        local = {name: sum(shard_digest(tuple(s.metadata.shard_offsets), tuple(st.size()), s.tensor)
+                           for s in st.local_shards()) for name, st in tensors.items()}
+        return sum_digests(local)
 
     def save(self, path: str) -> None:
         """Collective: every rank writes its own shards under `path` (a directory)."""

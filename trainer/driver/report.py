@@ -62,6 +62,10 @@ def format_table(results: dict[str, Any]) -> str:
             f"training: {tp.get('events_per_s', 0):,.0f} events/s, {tp.get('sequences_per_s', 0):,.1f} sequences/s; "
             + ", ".join(f"{k} {v:.1f}s" for k, v in results.get("phases_s", {}).items())
         )
+    moved = tp.get("restored_from_workers")
+    if moved and moved != results.get("world_size"):
+        lines.append(f"resumed a checkpoint of {moved} workers on {results.get('world_size')}: table, optimizer "
+                     "state and data position resharded, checksums verified")
     return "\n".join(lines)
 
 

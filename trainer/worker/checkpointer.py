@@ -23,6 +23,7 @@ import torch
 from data.loader import WindowLoader, reshard_state
 from trainer.checkpoint import (
     DENSE_FULL,
+    CheckpointError,
     StorageError,
     check_compatible,
     check_reshardable,
@@ -33,7 +34,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Config
 from trainer.distributed.context import DistContext
-from trainer.distributed.dense import full_dense_state, load_full_dense_state
+from trainer.distributed.dense import dense_digest, full_dense_state, load_full_dense_state
 from trainer.worker.faults import UploadFn
 from trainer.worker.stack import Stack
 
@@ -95,6 +96,7 @@ class Checkpointer:
         table.save(root / "table")  # collective: DCP, each rank its own shard files
         engine.save_checkpoint(str(root / "dense"), tag="dense")  # collective
         dense_full = full_dense_state(engine)  # collective
+        digest = {**table.digest(), **dense_digest(dense_full)}  # collective
         (root / "loader").mkdir(exist_ok=True)
         (root / "loader" / f"rank{self.ctx.rank}.json").write_text(json.dumps(loader.state_dict()))
         (root / "trainer").mkdir(exist_ok=True)
@@ -102,7 +104,7 @@ class Checkpointer:
         if self.ctx.rank == 0:
             torch.save(dense_full, root / DENSE_FULL)
             meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
-                    "table_sharding": table.sharding_type, "dense_full": DENSE_FULL,
+                    "table_sharding": table.sharding_type, "dense_full": DENSE_FULL, "digest": digest,
                     "step": state["step"], "epoch": state["epoch"]}
             (root / "meta.json").write_text(json.dumps(meta, indent=1))
         write_manifest(root, self.ctx.rank)
@@ -126,12 +128,27 @@ class Checkpointer:
                 old = [json.loads((root / "loader" / f"rank{k}.json").read_text()) for k in range(saved_world)]
                 loader.load_state_dict(reshard_state(old, world, rank, loader.stream_batches))
                 state = self._resharded_state(root, saved_world, stack)
+            self._check_digest(root, meta, stack)
         restore_cuda_rng(state, self.ctx.device)  # the CPU generator (torch_rng) is restored by the loop
+        state["saved_world_size"] = saved_world
         if rank == 0:
             moved = f", from {saved_world} workers to {world}" if saved_world != world else ""
             print(f"resumed from {checkpoint.path} at step {state['step']} (epoch {state['epoch']}{moved})",
                   flush=True)
         return state
+
+    def _check_digest(self, root: Path, meta: dict[str, Any], stack: Stack) -> None:
+        """The loaded state against the checksums the saving world wrote (collective): a resharding that
+        misplaced a row, a column block or an optimizer statistic is refused, not trained on."""
+        saved = meta.get("digest")
+        if saved is None:
+            return  # written before digests existed
+        now = {**stack.table.digest(), **dense_digest(full_dense_state(stack.engine))}
+        bad = [k for k in sorted(set(saved) | set(now))
+               if k not in now or k not in saved or abs(now[k] - saved[k]) > 1e-9 * max(1.0, abs(saved[k]))]
+        if bad:
+            raise CheckpointError(f"checkpoint {root} loaded on {self.ctx.world_size} workers does not match what "
+                                  f"{meta['world_size']} workers saved: {', '.join(bad[:5])} differ")
 
     def _resharded_state(self, root: Path, saved_world: int, stack: Stack) -> dict[str, Any]:
         """This rank's trainer state in a new world: step and early stopping from rank 0, the best table

@@ -12,7 +12,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -79,12 +79,14 @@ class Trainer:
         self.saved_step = -1
         self.skipped_steps = 0
         self.restarted = False
+        self.saved_world_size: Optional[int] = None  # the world that wrote the checkpoint resumed from
         # model selection on the validation split: best score, its epoch, validations since, its weights
         self.best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "bad": 0, "metrics": None, "weights": None}
         if (ckpt := ray.train.get_checkpoint()) is not None:
             self.restarted = True
             state = self.checkpointer.load(ckpt, self.stack, self.loader)
             self.step = state["step"]
+            self.saved_world_size = state["saved_world_size"]
             self.gen.set_state(state["generator"])
             self.best = state.get("best", self.best)
             torch.set_rng_state(state["torch_rng"])  # dropout masks continue as if never interrupted
@@ -143,7 +145,8 @@ class Trainer:
         events_total, sequences_total = totals.tolist()
         return {"events_per_s": events_total / seconds, "sequences_per_s": sequences_total / seconds,
                 "steps": self.step, "epochs_completed": self.loader.epoch, "skipped_steps": self.skipped_steps,
-                "restored_from_checkpoint": self.restarted, "stopped_early": self._patience_spent()}
+                "restored_from_checkpoint": self.restarted, "restored_from_workers": self.saved_world_size,
+                "events": int(events_total), "stopped_early": self._patience_spent()}
 
     def _done(self) -> bool:
         return bool(self.cfg.training.max_steps) and self.step >= self.cfg.training.max_steps
