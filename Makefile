@@ -41,7 +41,7 @@ test: venv
 
 # Everything but the tests that start a Ray Train job (marker ray_train).
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not ray_train and not cli" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not ray_train and not cli and not slow" $(PYTEST_ARGS)
 
 # The main job on the embedded default: synthetic log, 2 workers on a local Ray instance, train,
 # evaluate on the held-out day, print the metrics table. A fresh run each time.

@@ -66,6 +66,7 @@ def synth_log(tmp_path_factory):
     return log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shuffle", ["sort", "hash"])
 def test_ray_and_arrow_back_ends_agree(synth_log, tmp_path, ray_local, monkeypatch, shuffle):
     if shuffle == "hash":  # the strategy used for large logs

@@ -147,8 +147,8 @@ class Checkpointer:
         bad = [k for k in sorted(set(saved) | set(now))
                if k not in now or k not in saved or abs(now[k] - saved[k]) > 1e-9 * max(1.0, abs(saved[k]))]
         if bad:
-            raise CheckpointError(f"checkpoint {root} loaded on {self.ctx.world_size} workers does not match what "
-                                  f"{meta['world_size']} workers saved: {', '.join(bad[:5])} differ")
+            raise CheckpointError(f"checkpoint {root} loaded on {self.ctx.world_size} worker(s) does not match what "
+                                  f"{meta['world_size']} worker(s) saved: {', '.join(bad[:5])} differ")
 
     def _resharded_state(self, root: Path, saved_world: int, stack: Stack) -> dict[str, Any]:
         """This rank's trainer state in a new world: step and early stopping from rank 0, the best table
