@@ -28,7 +28,7 @@ from data.sequences import build_sequences, sequence_files
 from data.split import leave_one_out, prepare_held_out, resolve_eval_day
 from data.stats import item_counts, num_items, sequence_item_counts, window_days
 from data.synth import META, generate
-from data.vocab import build_vocabulary, id_types, needs_vocabulary
+from data.vocab import Vocabulary, build_vocabulary, id_types, needs_vocabulary
 
 COUNTS_FILE = "item_counts.npy"
 
@@ -50,6 +50,7 @@ class PreparedData:
     skipped: dict[str, Any] = field(default_factory=dict)  # rows skipped while counting (SkipReport.to_dict)
     vocab: Optional[str] = None  # the vocabulary's directory (data/vocab.py); None: dense ids as they are
     vocab_summary: Optional[dict[str, Any]] = None
+    vocab_sha256: Optional[str] = None  # of the mapping: a checkpoint is resumed on the same vocabulary only
     oov_eval_targets: int = 0  # evaluation (test) targets outside the vocabulary: each one a miss
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +130,7 @@ def prepare(cfg: DataConfig, work_dir: PathLike, query_len: int, eval_day: Optio
         num_eval_queries=split.num_queries["test" if loo else "eval"],
         num_valid_queries=split.num_queries.get("valid", 0), synthetic=synthetic, skipped=skipped.to_dict(),
         vocab=vocab_dir, vocab_summary=vocab.summary() if vocab is not None else None,
+        vocab_sha256=Vocabulary.digest(vocab_dir) if vocab_dir else None,
         oov_eval_targets=count_target(test, oov) if oov else 0,
     )
 

@@ -20,6 +20,7 @@ footers: string ids, or an item id larger than the number of events, mean raw id
 """
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -142,10 +143,25 @@ class Vocabulary:
         pq.write_table(self.items, os.path.join(out_dir, "items.parquet"))
         if self.users is not None:
             pq.write_table(self.users, os.path.join(out_dir, "users.parquet"))
+        digest = hashlib.sha256()  # of the mapping as written: a checkpoint names the vocabulary it was trained on
+        for name in ("items.parquet", "users.parquet"):
+            if os.path.exists(os.path.join(out_dir, name)) and (name == "items.parquet" or self.users is not None):
+                with open(os.path.join(out_dir, name), "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
         with open(meta + ".tmp", "w") as f:
-            json.dump(self.summary(), f, indent=1)
+            json.dump({**self.summary(), "sha256": digest.hexdigest()}, f, indent=1)
         os.replace(meta + ".tmp", meta)
         return out_dir
+
+    @staticmethod
+    def digest(vocab_dir: PathLike) -> Optional[str]:
+        """The sha256 of a saved vocabulary's mapping (None for one saved before digests were written)."""
+        path = os.path.join(os.fspath(vocab_dir), VOCAB_META)
+        if not os.path.isfile(path):
+            raise LogError(os.fspath(vocab_dir), f"not a complete vocabulary ({VOCAB_META} is missing)")
+        with open(path) as f:
+            return json.load(f).get("sha256")
 
     @classmethod
     def load(cls, vocab_dir: PathLike) -> "Vocabulary":

@@ -162,7 +162,7 @@ def test_a_loaded_state_that_differs_from_the_saved_one_is_refused(saved, tmp_pa
     shutil.rmtree(root / "manifests")
     write_manifest(root, 0)  # rank 0's manifest now lists every file
     (root / "manifests" / "rank1.json").write_text("{}")
-    with pytest.raises(RuntimeError, match="loaded on 1 worker\(s\) does not match what 2 worker\(s\) saved: table/weight"):
+    with pytest.raises(RuntimeError, match=r"on 1 worker\(s\) does not match what 2 worker\(s\) saved: table/weight"):
         run_distributed(_load_worker, 1, "row_wise", str(tmp_path), seq_dir)
 
 

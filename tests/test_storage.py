@@ -77,7 +77,7 @@ def test_write_results_copies_to_the_storage_uri(tmp_path):
 # ---------------------------------------------------------------- checkpoint checks through a URI
 
 
-def _fake_run(root: Path, cfg, world: int = 2) -> Path:
+def _fake_run(root: Path, cfg, world: int = 2, **meta_extra) -> Path:
     """A Ray Train run directory as the trainer leaves it: one registered checkpoint of `world` ranks."""
     ckpt = root / "train" / "checkpoint_2026-01-01_00-00-00.000000"
     for rank in range(world):  # ranks write into their own directories; Ray merges them in storage
@@ -87,7 +87,7 @@ def _fake_run(root: Path, cfg, world: int = 2) -> Path:
         (part / "loader").mkdir()
         (part / "loader" / f"rank{rank}.json").write_text('{"epoch": 1}')
         if rank == 0:
-            meta = {"fingerprint": fingerprint(cfg), "world_size": world, "step": 10, "epoch": 1}
+            meta = {"fingerprint": fingerprint(cfg), "world_size": world, "step": 10, "epoch": 1, **meta_extra}
             (part / "meta.json").write_text(json.dumps(meta))
         write_manifest(part, rank)
         pafs.copy_files(str(part), str(ckpt))
@@ -249,3 +249,19 @@ def test_s3_holds_checkpoints_results_and_resume_through_an_outage_mid_upload(tm
     verify(final, 2)
     name = str(final).split("/train/")[1].split("?")[0]
     assert f"a/train/{name}/manifests/rank1.json" in s3.keys(f"a/train/{name}/")  # in the bucket, seen by boto3
+
+
+def test_another_vocabulary_or_an_old_checkpoint_on_another_world_is_refused(tmp_path):
+    cfg = _config(tmp_path / "out")
+    sha = "ab" * 32
+    _fake_run(tmp_path / "store", cfg, vocabulary=sha)
+    run_uri = f"file://{tmp_path}/store/train"
+    assert check_resumable(run_uri, cfg, sha) is not None
+    with pytest.raises(ValueError, match=r"the item vocabulary \(data/vocab\): checkpoint sha256 abababababab, "
+                                         r"data sha256 cdcdcdcdcdcd"):
+        check_resumable(run_uri, cfg, "cd" * 32)
+    with pytest.raises(ValueError, match="checkpoint sha256 abababababab, data dense ids"):
+        check_resumable(run_uri, cfg, None)
+    # written without dense_full.pt (as before resharding existed): only its own world size loads it
+    with pytest.raises(CheckpointError, match="without dense_full.pt; resume it with distributed.num_workers=2"):
+        check_resumable(run_uri, _config(tmp_path / "out", "distributed.num_workers=1"), sha)

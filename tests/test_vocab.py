@@ -66,6 +66,10 @@ def test_rows_by_count_then_raw_id_and_the_budgets(tmp_path, backend, request):
     assert top.items.column("raw_id").to_pylist() == ["b", "a"] and top.dropped_items == 2
     saved = Vocabulary.load(v.save(tmp_path / "vocab"))
     assert saved.items.equals(v.items) and saved.users.equals(v.users)
+    # the digest a checkpoint records: the same mapping gives the same one, another mapping another
+    again = build_vocabulary(log, WINDOW, VocabConfig(), backend=backend).save(tmp_path / "again")
+    assert Vocabulary.digest(again) == Vocabulary.digest(tmp_path / "vocab") is not None
+    assert Vocabulary.digest(rare.save(tmp_path / "rare")) != Vocabulary.digest(again)
     m = v.id_map()
     assert m.items(pa.array(["d", "b", "zzz"])).to_pylist() == [4, 1, OOV_ITEM]
     assert m.users(pa.array(["u3", "u1"])).to_pylist() == [3, 1]

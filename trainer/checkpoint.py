@@ -95,10 +95,19 @@ def read_meta(root: Location) -> dict[str, Any]:
     return json.loads(text)
 
 
-def check_compatible(root: Location, cfg: Config, meta: Optional[dict[str, Any]] = None) -> None:
-    saved = (meta or read_meta(root))["fingerprint"]
+def check_compatible(root: Location, cfg: Config, meta: Optional[dict[str, Any]] = None,
+                     vocabulary: Optional[str] = None) -> None:
+    """The config keys the tensors depend on, and the vocabulary (`vocabulary`: its sha256, None for dense ids;
+    a checkpoint written before vocabularies were recorded is not checked for it)."""
+    meta = meta or read_meta(root)
+    saved = meta["fingerprint"]
     now = fingerprint(cfg)
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {now[k]!r}" for k in COMPATIBLE_KEYS if saved.get(k) != now[k]]
+    if "vocabulary" in meta and meta["vocabulary"] != vocabulary:
+        def show(v: Optional[str]) -> str:
+            return "dense ids" if v is None else f"sha256 {v[:12]}"
+        diffs.append(f"the item vocabulary (data/vocab): checkpoint {show(meta['vocabulary'])}, "
+                     f"data {show(vocabulary)}")
     if diffs:
         raise UserError(f"checkpoint {root} was written with an incompatible config ({'; '.join(diffs)})")
 
@@ -129,7 +138,7 @@ def latest_checkpoint(run_dir: Location) -> Optional[Location]:
     return storage.join(run_dir, latest["checkpoint_dir_name"]) if latest else None
 
 
-def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
+def check_resumable(run_dir: Location, cfg: Config, vocabulary: Optional[str] = None) -> Optional[Location]:
     """Before any worker starts: the latest checkpoint is complete, intact and written by a compatible
     config. Raises CheckpointError or UserError (a ValueError) naming the problem; returns the checkpoint (or None)."""
     ckpt = latest_checkpoint(run_dir)
@@ -137,6 +146,6 @@ def check_resumable(run_dir: Location, cfg: Config) -> Optional[Location]:
         return None
     meta = read_meta(ckpt)
     verify(ckpt, meta["world_size"])
-    check_compatible(ckpt, cfg, meta)
+    check_compatible(ckpt, cfg, meta, vocabulary)
     check_reshardable(ckpt, meta, cfg.distributed.num_workers, cfg.distributed.sharding)
     return ckpt

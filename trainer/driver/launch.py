@@ -133,7 +133,7 @@ def run(cfg: Config, resume: bool = False, console: Optional[Console] = None) ->
         size_item_table(cfg, data)
     if resume:
         # refuse a corrupt or incompatible checkpoint before any worker starts
-        if check_resumable(run_path, cfg) is None:
+        if check_resumable(run_path, cfg, data.vocab_sha256) is None:
             console.line(f"--resume: no checkpoint in {where} yet; starting from scratch")
     with console.phase("baselines", phases, "baselines"):
         reference = baselines(cfg, data)

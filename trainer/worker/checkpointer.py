@@ -57,8 +57,9 @@ def _first_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-    def __init__(self, cfg: Config, ctx: DistContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: Config, ctx: DistContext, vocabulary: Optional[str] = None) -> None:
+        """`vocabulary`: the sha256 of the run's item vocabulary (data.vocab.Vocabulary.digest), None for dense ids."""
+        self.cfg, self.ctx, self.vocabulary = cfg, ctx, vocabulary
 
     def _where(self) -> str:
         return self.cfg.output.storage or f"{self.cfg.output.dir}/ray"
@@ -105,6 +106,7 @@ class Checkpointer:
             torch.save(dense_full, root / DENSE_FULL)
             meta = {"fingerprint": fingerprint(self.cfg), "world_size": self.ctx.world_size,
                     "table_sharding": table.sharding_type, "dense_full": DENSE_FULL, "digest": digest,
+                    "vocabulary": self.vocabulary,
                     "step": state["step"], "epoch": state["epoch"]}
             (root / "meta.json").write_text(json.dumps(meta, indent=1))
         write_manifest(root, self.ctx.rank)
@@ -116,7 +118,7 @@ class Checkpointer:
             meta = read_meta(root)
             saved_world = meta["world_size"]
             verify(root, saved_world)
-            check_compatible(root, self.cfg, meta)
+            check_compatible(root, self.cfg, meta, self.vocabulary)
             check_reshardable(root, meta, world, table.sharding_type)
             table.load(root / "table")  # DCP reads any saved plan into this one
             if saved_world == world:

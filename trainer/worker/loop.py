@@ -74,7 +74,7 @@ class Trainer:
         )
 
         # 4. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
-        self.checkpointer = Checkpointer(cfg, self.ctx)
+        self.checkpointer = Checkpointer(cfg, self.ctx, data.vocab_sha256)
         self.step = 0  # the loader keeps the epoch and the position within it
         self.saved_step = -1
         self.skipped_steps = 0
