@@ -62,34 +62,83 @@ def _fast_fft_size(n: int) -> int:
     return best
 
 
-class _SpectralConv(torch.autograd.Function):
-    """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs.
+SPECTRUM_CHUNK_BYTES = 4 << 20  # one chunk's spectrum: small enough to stay in cache between the transforms
 
-    A hand-written backward: the adjoint of a convolution is a correlation, so both gradients
-    reuse the saved spectra and the backward needs two large transforms (autograd through
-    rfft/irfft needs more, and more memory). Transforms run over the channel-major view.
+
+def _chunks(batch: int, dim: int, freqs: int) -> list[tuple[slice, slice]]:
+    """(batch, channel) blocks whose spectra hold about SPECTRUM_CHUNK_BYTES: whole batch rows when one row's
+    channels fit, else blocks of channels of one row (long L)."""
+    rows = max(1, SPECTRUM_CHUNK_BYTES // (8 * freqs))  # complex64 spectra of `rows` sequences
+    if rows >= dim:
+        step = rows // dim
+        return [(slice(b, min(b + step, batch)), slice(0, dim)) for b in range(0, batch, step)]
+    return [(slice(b, b + 1), slice(d, min(d + rows, dim))) for b in range(batch) for d in range(0, dim, rows)]
+
+
+def _padded(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """A zero (b, d, n) buffer: each block's input is copied into [..., :L] and the tail stays zero, so rfft
+    transforms it at length n without the pad-and-copy that `rfft(x, n=n)` makes per call."""
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class _SpectralConv(torch.autograd.Function):
+    """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs, plus a bias.
+
+    Blocked: each (batch, channel) block is transformed, multiplied and transformed back while its spectrum is
+    still in cache, so no (B, D, n) spectrum is ever materialised and memory stays O(B L D). The bias is added
+    in the spectrum (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the
+    zero-frequency bin of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward
+    is hand-written: the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
+    grad_h = irfft(sum_b G conj(X)); it recomputes X per block rather than keeping it from the forward.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, h: torch.Tensor, n: int) -> torch.Tensor:
-        length, k = x.shape[1], h.shape[1]
-        x_f = torch.fft.rfft(x.transpose(1, 2), n=n)  # (B, D, n//2+1)
-        h_f = torch.fft.rfft(h, n=n)  # (D, n//2+1)
-        ctx.save_for_backward(x_f, h_f)
-        ctx.n, ctx.length, ctx.k = n, length, k
-        return torch.fft.irfft(x_f * h_f, n=n)[..., :length].transpose(1, 2)  # (B, L, D)
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
+        batch, length, dim = x.shape
+        h_f = torch.fft.rfft(h, n=n)  # (D, F), F = n//2 + 1
+        dc = n * bias  # (D,) on the zero-frequency bin of the product: bias on every output
+        y = torch.empty_like(x)  # (B, L, D)
+        blocks = _chunks(batch, dim, h_f.shape[-1])
+        buf = _padded((blocks[0][0].stop - blocks[0][0].start, blocks[0][1].stop, n), x)
+        for b, d in blocks:
+            xb = buf[: b.stop - b.start, : d.stop - d.start]  # (b, d, n)
+            xb[..., :length].copy_(x[b, :, d].transpose(1, 2))
+            y_f = torch.fft.rfft(xb).mul_(h_f[d])  # (b, d, F)
+            y_f[..., 0] += dc[d]
+            y[b, :, d] = torch.fft.irfft(y_f, n=n)[..., :length].transpose(1, 2)
+        ctx.save_for_backward(x, h_f)
+        ctx.n, ctx.k = n, h.shape[1]
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_f, h_f = ctx.saved_tensors
-        g_f = torch.fft.rfft(grad_y.transpose(1, 2), n=ctx.n)  # (B, D, n//2+1)
-        grad_x = grad_h = None
-        if ctx.needs_input_grad[1]:
-            # sum over the batch without materialising the (B, D, F) product
-            grad_h = torch.fft.irfft(torch.einsum("bdf,bdf->df", g_f, x_f.conj()), n=ctx.n)[..., : ctx.k]
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.fft.irfft(g_f.mul_(h_f.conj()), n=ctx.n)[..., : ctx.length].transpose(1, 2)
-        return grad_x, grad_h, None
+        x, h_f = ctx.saved_tensors
+        n = ctx.n
+        batch, length, dim = x.shape
+        want_x, want_h, want_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if want_x else None
+        acc = torch.zeros_like(h_f) if want_h else None  # (D, F): sum over the batch of G conj(X)
+        grad_b = torch.zeros(dim, dtype=x.dtype, device=x.device) if want_b else None
+        h_conj = h_f.conj().resolve_conj()
+        blocks = _chunks(batch, dim, h_f.shape[-1])
+        shape = (blocks[0][0].stop - blocks[0][0].start, blocks[0][1].stop, n)
+        gbuf = _padded(shape, x)
+        xbuf = _padded(shape, x) if want_h else None
+        for b, d in blocks:
+            rows, chans = b.stop - b.start, d.stop - d.start
+            gb = gbuf[:rows, :chans]
+            gb[..., :length].copy_(grad_y[b, :, d].transpose(1, 2))
+            g_f = torch.fft.rfft(gb)  # (b, d, F)
+            if want_b:
+                grad_b[d] += g_f[..., 0].real.sum(0)
+            if want_h:
+                xb = xbuf[:rows, :chans]
+                xb[..., :length].copy_(x[b, :, d].transpose(1, 2))
+                acc[d] += (g_f * torch.fft.rfft(xb).conj_physical_()).sum(0)
+            if want_x:
+                grad_x[b, :, d] = torch.fft.irfft(g_f.mul_(h_conj[d]), n=n)[..., :length].transpose(1, 2)
+        grad_h = torch.fft.irfft(acc, n=n)[..., : ctx.k] if want_h else None
+        return grad_x, grad_h, grad_b, None
 
 
 def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: str) -> torch.Tensor:
@@ -116,9 +165,9 @@ def fft_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     orig_dtype = x.dtype
     if x.dtype in (torch.float16, torch.bfloat16):
         x, h = x.float(), h.float()  # FFTs in half precision lose too much; compute in fp32
-    y = _SpectralConv.apply(x, h, n)  # (B, L, D)
-    if bias is not None:
-        y = y + bias
+    if bias is None:
+        bias = torch.zeros(dim, dtype=x.dtype, device=x.device)
+    y = _SpectralConv.apply(x, h, bias.to(x.dtype), n)  # (B, L, D), the bias included
     return y.to(orig_dtype)
 
 

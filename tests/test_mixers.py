@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from model import mixers
 from model.config import ModelConfig
 from model.convformer import SequenceEncoder
 from model.mixers import CausalSelfAttention, _fast_fft_size, depthwise_conv, fft_conv
@@ -50,6 +51,26 @@ def test_fft_matches_direct_forward_and_grads(length, k, dim, batch, padding):
         y = op(xi, wi, bi, padding)
         upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
         (y * upstream).sum().backward()
+        results.append((y.detach(), xi.grad, wi.grad, bi.grad))
+    for direct, fast in zip(*results):
+        _close(fast, direct)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 10, 1000])  # channel blocks (uneven), whole batch rows, one chunk
+@pytest.mark.parametrize("padding", ["zero", "circular"])
+def test_fft_blocks_match_direct_forward_and_grads(monkeypatch, rows, padding):
+    """The blocked transforms: any (batch, channel) blocking, uneven last blocks included."""
+    length, k, dim, batch = 97, 45, 5, 3
+    n = _fast_fft_size(length + k - 1) if padding == "zero" else length
+    monkeypatch.setattr(mixers, "SPECTRUM_CHUNK_BYTES", rows * 8 * (n // 2 + 1))
+    blocks = mixers._chunks(batch, dim, n // 2 + 1)
+    assert len(blocks) == {2: 9, 3: 6, 10: 2, 1000: 1}[rows]
+    x, w, b = _inputs(length, k, dim, batch)
+    results = []
+    for op in (depthwise_conv, fft_conv):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        y = op(xi, wi, bi, padding)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         results.append((y.detach(), xi.grad, wi.grad, bi.grad))
     for direct, fast in zip(*results):
         _close(fast, direct)
