@@ -11,13 +11,12 @@ JSON says so.
 
 import argparse
 import json
+import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 LENGTHS = [50, 200, 512, 1024, 2048, 4096, 8192]
 QUICK_LENGTHS = [50, 200, 512]
@@ -82,6 +81,53 @@ def measure(variant: str, length: int, dim: int, batch: int, device: str, dtype:
     return {"seconds": statistics.median(times), "peak_bytes": max(int(peak), 0)}
 
 
+def machine_rates(dim: int, batch: int, lengths: list[int]) -> dict:
+    """What this CPU sustains, for the FFT path's floor: fp32 matmul FLOP/s (a peak for arithmetic), copy
+    bandwidth (bytes read + written per second), and the FFT library's in-cache real transform time per
+    sequence at each transform length n (rfft + irfft of one cache-sized block, halved)."""
+    import torch
+
+    from model.mixers import SPECTRUM_CHUNK_BYTES, _fast_fft_size
+
+    def best(f, repeats: int = 7) -> float:
+        f()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    a = torch.randn(2048, 2048)
+    flops = 2 * 2048**3 / best(lambda: a @ a)
+    big = torch.randn(64 << 20 >> 2)  # 64 MiB, copied into a buffer already touched (no page faults)
+    dst = torch.empty_like(big).copy_(big)
+    bandwidth = 2 * big.numel() * 4 / best(lambda: dst.copy_(big))
+    transform = {}
+    for length in lengths:
+        n = _fast_fft_size(2 * length - 1)  # K = L, zero padding
+        rows = max(1, SPECTRUM_CHUNK_BYTES // (8 * (n // 2 + 1)))
+        block = torch.randn(rows, n)
+        spec = torch.fft.rfft(block)
+        seconds = best(lambda: torch.fft.rfft(block)) + best(lambda: torch.fft.irfft(spec, n=n))
+        transform[str(length)] = {"n": n, "seconds_per_sequence": seconds / 2 / rows}
+    return {"matmul_flops": flops, "copy_bytes_per_s": bandwidth, "transform": transform}
+
+
+def fft_floor(length: int, dim: int, batch: int, rates: dict) -> dict:
+    """The FFT mixer's floor for one forward+backward: five real transforms of the B*D sequences at length n
+    (forward: x and y; backward: the gradient, x again, grad_x) and the bytes it must move (x and y forward;
+    grad_y, x and grad_x backward, fp32). Roofline: the larger of arithmetic at matmul speed and bytes at copy
+    bandwidth; library: five transforms at the FFT library's in-cache speed."""
+    t = rates["transform"][str(length)]
+    n, seqs = t["n"], batch * dim
+    flop = 5 * seqs * 2.5 * n * math.log2(n)  # a real transform ~ half a complex one's 5 n log2 n
+    moved = 5 * batch * length * dim * 4
+    roofline = max(flop / rates["matmul_flops"], moved / rates["copy_bytes_per_s"])
+    return {"n": n, "flop": flop, "bytes": moved, "roofline_seconds": roofline,
+            "library_seconds": 5 * seqs * t["seconds_per_sequence"]}
+
+
 def run_point(variant: str, length: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.mixers", "--_point", variant, str(length)] + _shared_flags(args)
     try:
@@ -122,6 +168,9 @@ def main() -> None:
 
     import torch
 
+    from benchmarks.results import provenance, write_result
+
+    load_before = os.getloadavg()
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
     records = []
     for variant in VARIANTS:
@@ -149,7 +198,8 @@ def main() -> None:
             records.append(rec)
 
     by = {(r["mixer"], r["L"]): r for r in records if r.get("status") == "ok"}
-    ratios = {}
+    rates = machine_rates(args.dim, args.batch, lengths) if args.device == "cpu" else None
+    ratios, floors = {}, {}
     for length in lengths:
         fft = by.get(("fft", length))
         if not fft:
@@ -158,20 +208,23 @@ def main() -> None:
             f"{other}_over_fft_seconds": round(by[(other, length)]["seconds"] / fft["seconds"], 2)
             for other in VARIANTS if other != "fft" and (other, length) in by
         }
+        if rates is not None:
+            floor = fft_floor(length, args.dim, args.batch, rates)
+            floor["fft_over_roofline"] = round(fft["seconds"] / floor["roofline_seconds"], 2)
+            floor["fft_over_library"] = round(fft["seconds"] / floor["library_seconds"], 2)
+            floors[str(length)] = floor
     result = {
         "benchmark": "one mixer layer, forward+backward",
         "settings": {"dim": args.dim, "batch": args.batch, "device": args.device, "dtype": args.dtype,
                      "repeats": args.repeats, "max_seconds": args.max_seconds},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        **provenance(load_before),
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "records": records,
         "ratios": ratios,
+        "machine_rates": rates,
+        "fft_floor": floors,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
