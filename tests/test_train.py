@@ -99,6 +99,22 @@ def test_resume_on_other_worker_counts_and_shardings(two_workers, tmp_path):
         assert resumed["metrics"]["hr@50"] == pytest.approx(full["metrics"]["hr@50"], abs=0.1)
 
 
+def test_long_sequence_point_through_the_trainer(tmp_path):
+    """ConvFormer-F with K = L = 2048 and activation checkpointing through the whole trainer, on histories of
+    3,000 events whose repeats sit 300-600 back: the long-sequence path at CI size (the speed and memory at
+    8192-32768 are benchmarks/long_sequence.py's). Evaluation encodes 2048-event histories in batches of 4."""
+    results = run(small_config(
+        tmp_path, "data.synth.users=12", "data.synth.events_per_user=3000", "data.synth.events_sigma=0",
+        "data.synth.lag_min=300", "data.synth.lag_max=600", "data.synth.p_repeat=0.5", "data.synth.p_transition=0.1",
+        "model.max_seq_len=2048", "model.kernel_size=2048", "model.mixer=fft", "training.batch_size=2",
+        "training.max_steps=4", "training.loss.num_negatives=16", "eval.batch_size=4",
+        "distributed.activation_checkpointing=true", "distributed.num_workers=1"))
+    assert results["throughput"]["steps"] == 4 and results["throughput"]["events"] > 4 * 1000
+    assert results["config"]["model"]["max_seq_len"] == 2048 and results["data"]["num_eval_queries"] == 12
+    assert all(math.isfinite(v) for v in results["metrics"].values())
+    assert results["peak_memory_bytes_per_worker"][0] > 0
+
+
 def test_one_worker_matches_two(two_workers, tmp_path):
     out, two = two_workers
     one = run(small_config(tmp_path, "distributed.num_workers=1"))
