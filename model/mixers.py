@@ -72,7 +72,8 @@ def _chunks(batch: int, dim: int, freqs: int) -> list[tuple[slice, slice]]:
     if rows >= dim:
         step = rows // dim
         return [(slice(b, min(b + step, batch)), slice(0, dim)) for b in range(0, batch, step)]
-    return [(slice(b, b + 1), slice(d, min(d + rows, dim))) for b in range(batch) for d in range(0, dim, rows)]
+    size = -(-dim // -(-dim // rows))  # channels per block, as even as the block count allows
+    return [(slice(b, b + 1), slice(d, min(d + size, dim))) for b in range(batch) for d in range(0, dim, size)]
 
 
 def _padded(shape: tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
