@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from benchmarks.results import provenance, write_result
+from cluster.scaling import kill_group
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = "benchmarks/results/long-sequence-cpu.json"
@@ -133,15 +134,7 @@ class TreeWatch(threading.Thread):
 def _kill(proc: subprocess.Popen, watch: Optional[TreeWatch]) -> None:
     """SIGTERM, then SIGKILL, the point's process group; then any descendant that left the group (seen by the
     watcher: only processes this point started)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=10 if sig == signal.SIGTERM else 30)
-        except subprocess.TimeoutExpired:
-            pass
+    kill_group(proc)
     if watch is not None:
         import psutil
 

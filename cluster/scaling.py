@@ -139,7 +139,7 @@ def run_point(base: str, overrides: list[str], out: Path, timeout_s: float) -> d
             rc = proc.wait(timeout=timeout_s)
             status = None
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             rc, status = proc.returncode, "timeout"
     wall = time.perf_counter() - t0
     record: dict[str, Any] = {"overrides": overrides, "returncode": rc, "wall_s": wall}
@@ -168,8 +168,9 @@ def run_point(base: str, overrides: list[str], out: Path, timeout_s: float) -> d
     return record
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the point's process group (its driver and the Ray processes it started), then SIGKILL what is left."""
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the point's process group (its driver and the Ray processes it started), then SIGKILL what is left
+    (also benchmarks/long_sequence.py's)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
