@@ -23,7 +23,7 @@ from data.synth import generate
 from tests.helpers import NUM_ITEMS, SEQ, run_distributed, small_stack_config
 from trainer.checkpoint import check_reshardable, write_manifest
 from trainer.distributed.context import DistContext
-from trainer.distributed.dense import full_dense_state
+from trainer.distributed.dense import full_dense_state, load_full_dense_state
 from trainer.errors import UserError
 from trainer.worker.checkpointer import Checkpointer
 from trainer.worker.stack import Stack
@@ -164,6 +164,44 @@ def test_a_loaded_state_that_differs_from_the_saved_one_is_refused(saved, tmp_pa
     (root / "manifests" / "rank1.json").write_text("{}")
     with pytest.raises(RuntimeError, match=r"on 1 worker\(s\) does not match what 2 worker\(s\) saved: table/weight"):
         run_distributed(_load_worker, 1, "row_wise", str(tmp_path), seq_dir)
+
+
+def _dense_worker(rank: int, world: int, zero: int, precision: str, path: str, save: bool) -> dict[str, Any]:
+    stack = Stack(small_stack_config("row_wise", zero=zero, precision=precision), DistContext.from_process_group())
+    if save:
+        _steps(stack, rank, world, 3, seed=0)
+        state = full_dense_state(stack.engine)
+        if rank == 0:
+            torch.save(state, path)
+        return {"state": state, "optimizer": type(stack.engine.optimizer).__name__}
+    load_full_dense_state(stack.engine, torch.load(path, weights_only=False))
+    state = full_dense_state(stack.engine)
+    _steps(stack, rank, world, 1, seed=9)  # the optimizer steps from the loaded moments
+    return {"state": state, "optimizer": type(stack.engine.optimizer).__name__}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero, precision, before, after", [
+    (0, "fp32", 1, 2),  # the client AdamW itself
+    (0, "bf16", 2, 1),  # bf16 without ZeRO: fp32 copies beside the module
+    (1, "bf16", 2, 3),  # ZeRO-1 fragments of bf16 parameters
+    (2, "fp32", 3, 2),  # ZeRO-2
+])
+def test_dense_state_moves_between_worlds_under_every_zero_stage(tmp_path, zero, precision, before, after):
+    """The world-size-free dense state (fp32 masters, AdamW moments, step) under each DeepSpeed optimizer."""
+    path = str(tmp_path / "dense.pt")
+    saved = run_distributed(_dense_worker, before, zero, precision, path, True)[0]
+    loaded = run_distributed(_dense_worker, after, zero, precision, path, False)
+    want = saved["state"]
+    assert want["step"] >= 3.0 and all(want["moments"][name] for name in want["params"])
+    for out in loaded:
+        got = out["state"]
+        assert got["step"] == want["step"] and sorted(got["params"]) == sorted(want["params"])
+        for name, value in want["params"].items():
+            assert torch.equal(got["params"][name], value), name
+            for key, moment in want["moments"][name].items():
+                assert torch.equal(got["moments"][name][key], moment), (name, key)
+    assert loaded[0]["optimizer"] == saved["optimizer"]
 
 
 def test_column_wise_and_old_checkpoints_refuse_another_world():

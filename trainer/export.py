@@ -147,7 +147,7 @@ def read_dense(ckpt: Path) -> dict[str, torch.Tensor]:
 def export_checkpoint(ckpt: Path, cfg: Config, data: dict[str, Any], out: Path, onnx: bool = True) -> Path:
     meta = read_meta(ckpt)
     verify(ckpt, meta["world_size"])
-    check_compatible(ckpt, cfg, meta)
+    check_compatible(ckpt, cfg, meta, data.get("vocab_sha256"))  # the run's own vocabulary
     m = cfg.model
     table = read_table(ckpt, m.num_items, m.dim)
     raw_ids = _raw_ids(data.get("vocab"), m.num_items)

@@ -155,5 +155,8 @@ class Stack:
     @torch.no_grad()
     def restore(self, weights: dict[str, Any]) -> None:
         """Weights from `snapshot`, of this rank or (table pieces of every rank) of another plan or world size."""
-        self.table.write_pieces(weights["table"])
+        pieces = weights["table"]
+        if pieces and isinstance(pieces[0], torch.Tensor):  # a snapshot of this rank's shards without geometry
+            pieces = [(s.row0, s.col0, w) for (s, _), w in zip(self.table.local_shards(), pieces)]
+        self.table.write_pieces(pieces)
         self.engine.module.load_state_dict(weights["dense"])
