@@ -17,7 +17,7 @@ worker; watched with psutil, status `oom` when it passes `--mem-budget-gib`). A 
 `failed` (its log is kept under --work). After a mixer's first failure its longer points are skipped: they
 would fail as well.
 
-The JSON (written again after every point): provenance (benchmarks/results.py), the settings, `points`, one
+The JSON (written again after every point): provenance (benchmarks/results.py), the settings, `records`, one
 record per run point with exactly `mixer`, `L`, `status`, `events_per_s` (training events/s from the run's
 results.json, over all `--steps` steps, the first included), `peak_rss_bytes_per_worker` (the largest worker's
 peak RSS, ru_maxrss, from results.json), `activation_checkpointing`; and `skipped`, the points not run.
@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = make_log(work, max(lengths), a.users)
     settings = {k: v for k, v in vars(a).items() if k not in ("out", "work")}
     settings.update(L=lengths, dim=64, num_layers=2, num_workers=1, base_config="configs/smoke.yaml")
-    result: dict[str, Any] = {"benchmark": "long_sequence", "settings": settings, "points": [], "skipped": []}
+    result: dict[str, Any] = {"benchmark": "long_sequence", "settings": settings, "records": [], "skipped": []}
     for mixer in a.mixers:
         failed = None
         for length in lengths:
@@ -254,12 +254,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  {mixer} L={length}: skipped (a shorter L was {failed})", flush=True)
                 continue
             record = run_point(a, log, mixer, length, work)
-            result["points"].append(record)
+            result["records"].append(record)
             if record["status"] != "ok":
                 failed = record["status"]
             _write_quietly({"provenance": provenance(load_before), **result}, a.out)  # what is done so far
     write_result({"provenance": provenance(load_before), **result}, a.out)
-    if not a.work and not any(r["status"] != "ok" for r in result["points"]):
+    if not a.work and not any(r["status"] != "ok" for r in result["records"]):
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
