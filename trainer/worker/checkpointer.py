@@ -92,7 +92,8 @@ class Checkpointer:
                                    "rerun with --resume once the storage is reachable") from e
 
     def write(self, root: Path, state: dict[str, Any], stack: Stack, loader: WindowLoader) -> None:
-        """This rank's part of a checkpoint into `root` (collective; the ranks' parts may share one directory)."""
+        """This rank's part of a checkpoint into its own directory `root` (collective). The manifest lists every
+        file under `root`, so each rank needs a directory of its own; Ray Train merges them in storage."""
         table, engine = stack.table, stack.engine
         table.save(root / "table")  # collective: DCP, each rank its own shard files
         engine.save_checkpoint(str(root / "dense"), tag="dense")  # collective
