@@ -123,6 +123,7 @@ class DataConfig:
     max_bad_fraction: float = 0.001
     backend: Literal["ray", "arrow"] = "ray"  # sequence building and splitting: distributed or in-process
     shuffle_buffer: int = 8192  # training windows shuffled together by the loader
+    prefetch: int = 2  # batches the loader's background thread prepares ahead (0: none, in the loop's thread)
     rows_per_bucket: int = 2_000_000  # events per group-by bucket when building sequences with Ray
     # The log's `ts` column: "timestamp" (timestamp[*, tz=UTC]) or integers counting s / ms / us / ns since
     # 1970-01-01 UTC; timestamp columns are read under any setting (data.schema.check_schema).
@@ -145,6 +146,7 @@ class DataConfig:
         if self.backend not in ("ray", "arrow"):
             raise ValueError(f"data.backend must be 'ray' or 'arrow', got {self.backend!r}")
         _check_int("data", "shuffle_buffer", self.shuffle_buffer, 1)
+        _check_int("data", "prefetch", self.prefetch, 0)
         _check_int("data", "rows_per_bucket", self.rows_per_bucket, 1)
         if self.ts_unit not in ("timestamp", "s", "ms", "us", "ns"):
             raise ValueError(f"data.ts_unit must be 'timestamp', 's', 'ms', 'us' or 'ns', got {self.ts_unit!r}")

@@ -21,6 +21,10 @@ gives a rank of the new world its share of what the epoch has left, as a plan of
 = batches start..stop-1 of rank r's stream of world W. The remaining batches of all old ranks, in rank order,
 are split into contiguous runs of nearly equal length, so no window is skipped or repeated in the epoch; the
 next epoch is the new world's own.
+
+Prefetching. With `prefetch` > 0 the batches are made in a background thread (data/prefetch.py), up to that
+many ahead, pinned when `pin_memory` (for non-blocking copies to a GPU). The batches and their order are the
+same; the position (`batches_consumed`) counts what the consumer took, not what the thread made.
 """
 
 import os
@@ -30,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from data.prefetch import Prefetcher
 from data.schema import USER
 from data.sequences import list_parts, sequence_files
 from data.shards import RowShard
@@ -70,13 +75,18 @@ class WindowLoader:
         rank: int = 0,
         world_size: int = 1,
         read_rows: int = 1024,
+        prefetch: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or shuffle_buffer < 1:
             raise ValueError("seq_len, batch_size and shuffle_buffer must be >= 1")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.source = source
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.rank, self.world_size, self.read_rows = rank, world_size, read_rows
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         self.files = sequence_files(source)
         self.shard = RowShard(self.files, rank, world_size)
         self.epoch = 0
@@ -131,16 +141,27 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, skip = self.epoch, self.batches_consumed
+        made = self._tensors(epoch, skip)
+        batches = Prefetcher(made, self.prefetch, name=f"loader-rank{self.rank}") if self.prefetch else made
+        try:
+            for i, batch in enumerate(batches, skip):
+                self.batches_consumed = i + 1
+                yield batch
+        finally:  # also when the consumer stops early: no thread left running
+            if isinstance(batches, Prefetcher):
+                batches.close()
+        self.epoch, self.batches_consumed = epoch + 1, 0
+
+    def _tensors(self, epoch: int, skip: int) -> Iterator[Batch]:
         for i, (user, inp, tgt) in enumerate(self._epoch_batches(epoch)):
             if i < skip:
                 continue  # replaying up to the restored position: no tensors built
-            self.batches_consumed = i + 1
-            yield {
+            batch = {
                 "input_ids": torch.from_numpy(inp),  # (B, L)
                 "targets": torch.from_numpy(tgt),  # (B, L)
                 "user_ids": torch.from_numpy(user),  # (B,)
             }
-        self.epoch, self.batches_consumed = epoch + 1, 0
+            yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def _epoch_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         plan = self._plan()
@@ -242,7 +263,8 @@ def reshard_state(states: Sequence[dict], world_size: int, rank: int,
 
 def make_loader(source: Union[str, os.PathLike], *, seq_len: int, batch_size: int, seed: int,
                 shuffle_buffer: int = 8192, rank: int = 0, world_size: int = 1,
-                drop_last: bool = False) -> WindowLoader:
+                drop_last: bool = False, prefetch: int = 0, pin_memory: bool = False) -> WindowLoader:
     """The trainer's entry point (keyword names match the config: model.max_seq_len, training.batch_size...)."""
     return WindowLoader(source, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle_buffer=shuffle_buffer,
-                        rank=rank, world_size=world_size, drop_last=drop_last)
+                        rank=rank, world_size=world_size, drop_last=drop_last, prefetch=prefetch,
+                        pin_memory=pin_memory)

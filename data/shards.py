@@ -12,7 +12,7 @@ files hold several row groups); rows within a piece keep their order.
 """
 
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -68,3 +68,20 @@ class RowShard:
                     yield pa.Table.from_batches([batch.slice(lo, hi - lo)])
                 if seen >= p.stop:
                     break
+
+
+def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """The same rows as tables of exactly `rows` rows, the last one shorter: n rows make ceil(n / rows)
+    tables, whatever the sizes of the tables given (row groups end where they end)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= rows:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, rows)
+            rest = whole.slice(rows)
+            pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+    if held:
+        yield pa.concat_tables(pending)

@@ -19,9 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 # fbgemm-gpu release -> the torch release its binary is built against (a mismatch: undefined symbol at import)
 FBGEMM_TORCH = {"1.7": "2.12", "1.8": "2.13", "1.9": "2.14"}
-# Packages only the GPU image needs (not in cpu.lock): none now that the tests' S3 server (moto) brings boto3,
-# which the head's AWS autoscaler imports, into cpu.lock.
-GPU_ONLY: set[str] = set()
+# Packages only the GPU image needs (not in cpu.lock): the CUDA runtime wheels PyPI's torch 2.13.0 pins, as pip
+# resolved them (requirements/gpu.lock's last section). boto3, which the head's AWS autoscaler imports, is in
+# cpu.lock too (the tests' S3 server, moto, brings it).
+GPU_ONLY = {"cuda-bindings", "cuda-pathfinder", "cuda-toolkit", "nvidia-cublas", "nvidia-cuda-cupti",
+            "nvidia-cuda-nvrtc", "nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cufft", "nvidia-cufile",
+            "nvidia-curand", "nvidia-cusolver", "nvidia-cusparse", "nvidia-cusparselt-cu13", "nvidia-nccl-cu13",
+            "nvidia-nvjitlink", "nvidia-nvshmem-cu13", "nvidia-nvtx", "triton"}
+# The CUDA major each binary is built for, read from the PyPI wheels (docs/dependencies.md "The GPU stack"):
+# torch's torch/version.py and its Requires-Dist cuda-toolkit==13.0.3; fbgemm-gpu's libraries' DT_NEEDED
+# libcudart.so.13.
+TORCH_CUDA = {"2.13.0": "13"}
+FBGEMM_CUDA = {"1.8.0": "13"}
 
 # The node types the manifests name. Source: AWS's EC2 instance-type pages (General purpose M5; Accelerated
 # computing G5: g5.12xlarge = 4 x NVIDIA A10G 24 GiB).
@@ -103,6 +112,11 @@ def test_gpu_lock_pairs_torch_fbgemm_torchrec_and_matches_the_cpu_lock():
     assert {k: v for k, v in gpu.items() if k != "fbgemm-gpu" and k not in GPU_ONLY} == {
         k: v for k, v in cpu.items() if k != "fbgemm-gpu-cpu"}
     assert GPU_ONLY <= gpu.keys() and not GPU_ONLY & cpu.keys()  # the extras are listed, and only GPU-side
+    # one CUDA major for torch, fbgemm-gpu and the runtime wheels
+    cuda = TORCH_CUDA[gpu["torch"]]
+    assert FBGEMM_CUDA[gpu["fbgemm-gpu"]] == cuda
+    assert gpu["cuda-toolkit"].split(".")[0] == gpu["nvidia-cuda-runtime"].split(".")[0] == cuda
+    assert all(name.endswith(f"-cu{cuda}") for name in GPU_ONLY if re.search(r"-cu\d+$", name))
     assert "boto3" in gpu  # the autoscaler's
     top = pins_in(REPO / "requirements" / "gpu.in")
     for name in ("torch", "fbgemm-gpu", "torchrec", "ray", "deepspeed", "pyarrow", "boto3"):
@@ -124,15 +138,17 @@ def test_dockerfile_installs_the_gpu_lock():
     text = "\n".join(steps)
     assert re.search(r"^COPY requirements/gpu\.lock (\S+)$", text, re.M)
     dest = re.search(r"^COPY requirements/gpu\.lock (\S+)$", text, re.M).group(1)
-    # torch and fbgemm-gpu are taken from the lock (no second source of versions), the rest installed --no-deps
-    assert f"grep -E '^torch==' {dest}" in text and f"grep -E '^fbgemm-gpu==' {dest}" in text
-    assert f"pip install --no-deps -r {dest}" in text
+    # every wheel from the lock, --no-deps: the only pip install (no second source of versions)
+    assert re.findall(r"pip install[^\n&]*", text) == [f"pip install --no-deps -r {dest} \\"]
     assert not re.search(r"(torch|fbgemm-gpu|torchrec|ray)[=<>~]=\s*\d", text), "a version pinned outside the lock"
     assert "assert torch.version.cuda" in text  # the build fails if a CPU torch slipped in
     apt = re.search(r"apt-get install[^&]*", text, re.S).group(0).split()
     for tool in ("rsync", "openssh-client", "sudo"):  # ray up rsyncs and runs sudo; the autoscaler uses ssh
         assert tool in apt, tool
-    assert "boto3" in re.search(r'python -c "import ([^;]+);', text).group(1)
+    imported = re.search(r'python -c "import ([^;]+);', text).group(1)
+    assert "boto3" in imported
+    # fbgemm_gpu needs the NVIDIA driver's libnvidia-ml.so.1 at import: a GPU-less builder would fail on it
+    assert "fbgemm_gpu" not in imported and "torchrec" not in imported
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert ".venv" in ignore and "runs" in ignore and ".git" in ignore
 
@@ -280,3 +296,26 @@ def test_loss_buffer_formula_catches_the_old_long_sequence_config():
 def test_long_sequence_users_fill_their_windows(path):
     cfg = load_config(REPO / path)
     assert cfg.data.synth.events_per_user >= cfg.model.max_seq_len  # not 95% padding
+
+
+# ---------------------------------------------------------------- the head without a GPU driver
+
+HEAD_MODULES = ["trainer.train", "trainer.driver.launch", "trainer.driver.console", "trainer.worker.entry",
+                "cluster.submit", "cluster.local", "cluster.scaling", "trainer.recommend", "data.ingest"]
+
+
+def test_the_driver_side_never_imports_torchrec_or_fbgemm():
+    """The CUDA fbgemm_gpu (hence torchrec) loads the NVIDIA driver's libnvidia-ml.so.1 at import, which a CPU
+    head does not have. So everything that runs on the head (the job's driver, submit, the Ray Train
+    controller naming the worker function) must work with both unimportable; a config error still gets its
+    one line and exit status 2 there."""
+    import subprocess
+    import sys
+
+    block = "import sys\nfor m in ('torchrec', 'fbgemm_gpu'):\n    sys.modules[m] = None\n"
+    code = block + "".join(f"import {m}\n" for m in HEAD_MODULES) + (
+        "import runpy\nsys.argv = ['trainer.train', '--config', 'configs/smoke.yaml', 'model.no_such_key=1']\n"
+        "runpy.run_module('trainer.train', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no_such_key" in out.stderr and "torchrec" not in out.stderr and "fbgemm" not in out.stderr

@@ -1,6 +1,7 @@
 """Training loader: windows, determinism, exact resumption (in process and inside Ray Train), KJT helper."""
 
 import json
+import threading
 from collections import Counter
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from data.config import SynthConfig
 from data.loader import WindowLoader, cut_windows, reshard_state
+from data.prefetch import Prefetcher
 from data.sequences import build_sequences, list_parts, read_sequences
 from data.synth import generate
 
@@ -87,6 +89,53 @@ def test_restored_loader_yields_exactly_the_uninterrupted_batches(seq_dir):
     _check_resume(lambda: WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100), stop_at=7)
 
 
+def test_prefetching_loader_yields_the_same_batches_and_resumes_the_same(seq_dir):
+    def make(prefetch):
+        return WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100, prefetch=prefetch)
+
+    plain, ahead = make(0), make(3)
+    assert _same([b for _ in range(2) for b in plain], [b for _ in range(2) for b in ahead])
+    # the thread runs ahead, the position counts what the consumer took
+    _check_resume(lambda: make(3), stop_at=7)
+    threads = threading.active_count()
+    _check_resume(lambda: make(1), stop_at=1)
+    assert threading.active_count() == threads  # stopping early stopped the thread
+
+
+def test_prefetching_loader_raises_the_producers_error_at_its_batch(seq_dir, monkeypatch):
+    loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=5, shuffle_buffer=100, prefetch=2)
+    real = loader._epoch_batches
+
+    def failing(epoch):
+        for i, arrays in enumerate(real(epoch)):
+            if i == 3:
+                raise OSError("disk went away")
+            yield arrays
+
+    monkeypatch.setattr(loader, "_epoch_batches", failing)
+    got = []
+    with pytest.raises(OSError, match="disk went away"):
+        for batch in loader:
+            got.append(batch)
+    assert len(got) == 3 and loader.batches_consumed == 3 and loader.epoch == 0
+
+
+def test_prefetcher_keeps_order_and_stops_when_closed():
+    made = []
+
+    def items():
+        for i in range(1000):
+            made.append(i)
+            yield i
+
+    with Prefetcher(items(), depth=4) as ahead:
+        assert [next(ahead) for _ in range(10)] == list(range(10))
+    assert len(made) <= 10 + 4 + 1  # at most the queue and the item in hand beyond what was taken
+    assert list(Prefetcher(range(50), depth=1)) == list(range(50))
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(range(3), depth=0)
+
+
 def test_state_from_another_seed_is_refused(seq_dir):
     loader = WindowLoader(seq_dir, seq_len=L, batch_size=B, seed=1)
     with pytest.raises(ValueError, match="seed"):
@@ -153,6 +202,36 @@ def test_row_shares_are_contiguous_balanced_and_cover_every_row(tmp_path):
         assert sorted(again) == list(range(63))
     with pytest.raises(ValueError, match="rank 2 is not in"):
         RowShard(files, 2, 2)
+
+
+def test_rebatched_shares_have_full_batches_and_the_count_every_rank_expects(tmp_path):
+    import math
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data.shards import RowShard, rebatch
+    from trainer.distributed.collectives import padded
+
+    files = []  # row groups of 7 rows and a file boundary: iter_tables alone gives short tables
+    for i, (a, b) in enumerate([(0, 23), (23, 61)]):
+        files.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(pa.table({"x": pa.array(range(a, b), pa.int64())}), files[-1], row_group_size=7)
+    for world, size in [(1, 5), (2, 4), (3, 10), (4, 64)]:
+        shards = [RowShard(files, r, world) for r in range(world)]
+        most = math.ceil(math.ceil(61 / world) / size)  # what the evaluation loop computes
+        got = []
+        for s in shards:
+            tables = list(rebatch(s.iter_tables(["x"], batch_rows=size), size))
+            assert [t.num_rows for t in tables[:-1]] == [size] * (len(tables) - 1) and 0 < tables[-1].num_rows <= size
+            assert len(tables) <= most
+            stepped = list(padded(tables, most))
+            assert len(stepped) == most and stepped[len(tables):] == [None] * (most - len(tables))
+            got += [v for t in tables for v in t.column("x").to_pylist()]
+        assert got == list(range(61))
+        assert max(len(list(rebatch(s.iter_tables(["x"], batch_rows=size), size))) for s in shards) == most
+    with pytest.raises(RuntimeError, match="more than the 2 items"):
+        list(padded(range(3), 2))
 
 
 def test_two_ranks_get_balanced_batches_of_a_single_file(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from tests.helpers import DIM, NUM_ITEMS, run_distributed
 from tests.helpers import small_stack_config as small_config
-from trainer.distributed.collectives import lockstep
+from trainer.distributed.collectives import padded
 from trainer.distributed.context import DistContext
 from trainer.distributed.embeddings import ShardedItemTable
 from trainer.evaluation.metrics import MetricSums
@@ -31,7 +31,7 @@ from trainer.evaluation.ranking import (
 
 NUM_ROWS = NUM_ITEMS + 1
 KS = [1, 5, 10]
-BATCH_SIZES = {0: [5, 3], 1: [4]}  # rank 0 has two batches, rank 1 one: exercises lockstep
+BATCH_SIZES = {0: [5, 3], 1: [4]}  # rank 0 has two batches, rank 1 one: exercises the padding
 
 
 def make_data(kind: str) -> dict[str, Any]:
@@ -83,7 +83,8 @@ def _eval_worker(rank: int, world: int, sharding: str, kind: str, exclude_seen: 
                "popularity": PopularityScorer(data["counts"], *table.row_range())}
     out: dict[str, Any] = {"type": table.sharding_type}
     for name, scorer in scorers.items():
-        results, batches = [], list(lockstep(data["batches"][rank]))
+        most = max(len(b) for b in data["batches"].values())
+        results, batches = [], list(padded(data["batches"][rank], most))
         for batch in batches:
             batch = batch if batch is not None else EvalBatch.empty(DIM)
             # tiny chunks: several per rank, so the running top-k merge is exercised
@@ -126,7 +127,7 @@ def test_distributed_ranking_equals_brute_force(sharding: str, kind: str, exclud
         for rank, out in enumerate(outs):
             assert out["type"] == sharding
             got = out[name][: len(want[rank])]
-            assert all(r.numel() == 0 for r, _ in out[name][len(want[rank]):])  # lockstep padding
+            assert all(r.numel() == 0 for r, _ in out[name][len(want[rank]):])  # padding batches
             for (ranks, tops), (want_ranks, want_tops) in zip(got, want[rank]):
                 assert ranks.tolist() == want_ranks, (name, rank)
                 assert tops.tolist() == want_tops, (name, rank)

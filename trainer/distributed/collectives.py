@@ -41,20 +41,19 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def lockstep(batches: Iterable[T]) -> Iterator[Optional[T]]:
-    """Yield this rank's items while ANY rank has one; None once this rank has run out.
+def padded(items: Iterable[T], count: int) -> Iterator[Optional[T]]:
+    """This rank's items, then None up to `count` in all.
 
-    Ranks rarely hold equal numbers of eval batches; lookups and ranking are collectives, so
-    an exhausted rank keeps taking part with empty batches until every rank is done.
+    Ranks rarely hold equal numbers of eval batches; lookups and ranking are collectives, so an exhausted
+    rank keeps taking part with empty batches. `count` is the largest rank's number of items, known to every
+    rank beforehand (from file metadata), so the ranks never agree per item (a collective and a host read
+    each). Refuses more items than `count`: the ranks would fall out of step.
     """
-    it = iter(batches)
-    while True:
-        item = next(it, None)
-        more = torch.tensor([int(item is not None)], device=comm_device())
-        all_reduce(more)
-        if int(more) == 0:
-            return
-        yield item
+    it = iter(items)
+    for _ in range(count):
+        yield next(it, None)
+    if next(it, None) is not None:
+        raise RuntimeError(f"more than the {count} items every rank was told to expect")
 
 
 def gather_cols(x: torch.Tensor, world: int) -> torch.Tensor:

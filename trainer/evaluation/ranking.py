@@ -21,7 +21,7 @@ target) score -inf and are never ahead of the target; in top-k lists they appear
 the table (the vocabulary's out-of-vocabulary id) ranks after every item: a miss.
 
 Every function here is a collective: all ranks call it with the same number of batches. Query
-computation uses table lookups (also collectives), so drive the batches with `lockstep`.
+computation uses table lookups (also collectives): every rank takes the same number of batches (`padded`).
 """
 
 from __future__ import annotations
@@ -187,12 +187,11 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
         t = target_score.to(s.dtype)[:, None]  # (Q, 1)
         ahead += _count(torch.gt, s, t, buf)
         equal = _count(torch.eq, s, t, buf)
-        inside = (targets >= lo) & (targets < hi)  # never against itself (its chunk score may differ by an ulp)
-        if inside.any():
-            rows = inside.nonzero().squeeze(1)
-            own = s[rows, targets[rows] - lo]
-            ahead[rows] -= (own > t[rows, 0]).long()
-            equal[rows] -= (own == t[rows, 0]).long()
+        # never against itself (its chunk score may differ by an ulp); a gather, not a mask: no host sync
+        inside = (targets >= lo) & (targets < hi)  # (Q,)
+        own = s.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])  # (Q, 1)
+        ahead -= (inside[:, None] & (own > t)).long().squeeze(1)
+        equal -= (inside[:, None] & (own == t)).long().squeeze(1)
         if bool((equal > 0).any()):  # other items with the target's score (rare): smaller ids first
             tied = (equal > 0).nonzero().squeeze(1)
             ids = torch.arange(lo, hi, device=dev)[None, :]  # (1, n)
@@ -258,7 +257,7 @@ def evaluate(scorer: Scorer, batches: Iterable[Optional[EvalBatch]], ks: Sequenc
              exclude_seen: bool = False, max_chunk_elems: int = 1 << 24) -> dict[str, float]:
     """HR@k, NDCG@k, MRR and recall@k over all ranks' queries; the same dict on every rank.
 
-    `batches` must have the same length on every rank (None = an empty batch; see `lockstep`).
+    `batches` must have the same length on every rank (None = an empty batch; see `padded`).
     """
     k = max(ks)
     sums = MetricSums(ks)

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from data.loader import make_loader
 from data.prepare import PreparedData
 from data.sequences import sequence_files
-from data.shards import RowShard
+from data.shards import RowShard, rebatch
 from data.vocab import Vocabulary
 from trainer.config import Config, from_dict
-from trainer.distributed.collectives import lockstep
+from trainer.distributed.collectives import padded
 from trainer.distributed.context import DistContext
 from trainer.evaluation.queries import query_tensors
 from trainer.evaluation.ranking import EmbeddingScorer, EvalBatch, evaluate
@@ -66,11 +66,11 @@ class Trainer:
         self.stack = Stack(cfg, self.ctx, data.load_item_counts(cfg.model.num_items))
         self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
 
-        # 3. Data: this worker's share of the rows.
+        # 3. Data: this worker's share of the rows, prepared a few batches ahead in a background thread.
         self.loader = make_loader(
             data.train_sequences, seq_len=cfg.model.max_seq_len, batch_size=cfg.training.batch_size,
             seed=cfg.training.seed, shuffle_buffer=cfg.data.shuffle_buffer, rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
+            world_size=self.ctx.world_size, prefetch=cfg.data.prefetch, pin_memory=self.ctx.device.type == "cuda",
         )
 
         # 4. Checkpointer; Ray Train hands back the latest checkpoint after a failure or on --resume.
@@ -204,9 +204,11 @@ class Trainer:
         self.stack.eval()
         scorer = EmbeddingScorer(*self.stack.table.row_block())  # collective
         shard = RowShard(sequence_files(queries), self.ctx.rank, self.ctx.world_size)
-        rows = shard.iter_tables(batch_rows=self.cfg.eval.batch_size)
-        # the same on every rank (lockstep batches): reports are collectives
-        most_batches = math.ceil(math.ceil(shard.total_rows / self.ctx.world_size) / self.cfg.eval.batch_size)
+        size = self.cfg.eval.batch_size
+        rows = rebatch(shard.iter_tables(batch_rows=size), size)  # full batches: their count follows the rows
+        # the largest rank's batch count, the same on every rank without a collective: every rank joins
+        # every batch's collectives, and the progress reports
+        most_batches = math.ceil(math.ceil(shard.total_rows / self.ctx.world_size) / size)
         report_every = max(1, most_batches // 10)
         done = torch.zeros((), dtype=torch.int64, device=self.ctx.device)
 
@@ -220,7 +222,7 @@ class Trainer:
                                   "eval_queries": int(ranked.item()), "eval_total": shard.total_rows})
 
         def batches():
-            for i, part in enumerate(lockstep(rows), 1):
+            for i, part in enumerate(padded(rows, most_batches), 1):
                 report(i)
                 if part is None:  # this rank is done: still join the lookup collective
                     self.stack.encode(None)
