@@ -28,6 +28,7 @@ from trainer.evaluation.ranking import (
     order_topk,
     rank_batch,
 )
+from trainer.evaluation import ranking
 
 NUM_ROWS = NUM_ITEMS + 1
 KS = [1, 5, 10]
@@ -176,3 +177,54 @@ def _overlap_worker(rank: int, world: int) -> str:
 def test_overlapping_item_ranges_are_refused() -> None:
     for message in run_distributed(_overlap_worker, 2):
         assert "overlap" in message
+
+
+@pytest.mark.parametrize("kind", ["int", "normal"])
+def test_many_chunks_take_the_group_filter_and_stay_exact(kind: str, monkeypatch) -> None:
+    """A catalogue of many chunks wide enough for the top-k's group filter (update_topk): after the first
+    chunks most take it, and ranks and top-k lists still equal the brute force, ties included."""
+    gen = torch.Generator().manual_seed(3)
+    rows, dim, q, k = 6001, 4, 24, 10
+    if kind == "int":  # tiny integer vectors: scores in a few values, ties everywhere
+        table = torch.randint(-1, 2, (rows, dim), generator=gen).float()
+        queries = torch.randint(-1, 2, (q, dim), generator=gen).float()
+    else:
+        table, queries = torch.randn(rows, dim, generator=gen), torch.randn(q, dim, generator=gen)
+    table[0] = 0
+    targets = torch.randint(1, rows, (q,), generator=gen)
+    seen = torch.randint(0, rows, (q, 30), generator=gen)
+    exact = {"n": 0}
+    real = ranking.chunk_topk
+
+    def counted(*args, **kwargs):
+        exact["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ranking, "chunk_topk", counted)
+    result = rank_batch(EmbeddingScorer(0, table), EvalBatch(queries, targets, seen), k, exclude_seen=True,
+                        max_chunk_elems=q * 256)  # chunks of 256 items: 24 of them
+    chunks = -(-rows // 256)
+    assert exact["n"] < chunks / 2 if kind == "normal" else exact["n"] <= chunks  # the filter ran
+    scores = (queries.double() @ table.double().T).numpy()
+    for i in range(q):
+        s, t = scores[i].copy(), int(targets[i])
+        s[0] = float("-inf")
+        for item in seen[i].tolist():
+            if item not in (0, t):
+                s[item] = float("-inf")
+        order = sorted(range(rows), key=lambda j: (-s[j], j))
+        assert int(result.ranks[i]) == order.index(t) + 1
+        assert result.topk_ids[i].tolist() == [j if s[j] != float("-inf") else -1 for j in order[:k]]
+
+
+def test_group_filter_equals_the_exact_merge_at_ties() -> None:
+    """update_topk with a running list whose k-th value ties items of the chunk: those rank after it (larger
+    ids), whichever path merges them."""
+    top = (torch.tensor([[5.0, 3.0, 3.0]], dtype=torch.float64), torch.tensor([[4, 1, 2]]))
+    scores = torch.full((1, 512), 3.0)  # every item ties the running k-th value
+    scores[0, 300] = 4.0
+    values, ids = ranking.update_topk(top, scores, 100, 3)
+    assert ids.tolist() == [[4, 400, 1]] and values.tolist() == [[5.0, 4.0, 3.0]]
+    scores[0, 7 * 64 + 5] = 9.0  # two groups above tau: still in hand
+    values, ids = ranking.update_topk(top, scores, 100, 3)
+    assert ids.tolist() == [[100 + 7 * 64 + 5, 4, 400]]

@@ -59,8 +59,9 @@ class Scorer(Protocol):
     start: int
     stop: int
 
-    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """(Q, D) -> (Q, hi - lo) for items lo..hi-1, start <= lo < hi <= stop."""
+    def scores(self, queries: torch.Tensor, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(Q, D) -> (Q, hi - lo) for items lo..hi-1, start <= lo < hi <= stop; into `out` when the scorer can
+        (a reused buffer: a fresh 64 MB result per chunk costs a third of the matmul in page faults)."""
         ...
 
     def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -75,8 +76,11 @@ class EmbeddingScorer:
         self.start, self.stop = start, start + weight.shape[0]
         self.weight = weight.float()  # (n, D)
 
-    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return queries.float() @ self.weight[lo - self.start : hi - self.start].T
+    def scores(self, queries: torch.Tensor, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = self.weight[lo - self.start : hi - self.start]  # (n, D)
+        if out is None:
+            return queries.float() @ rows.T
+        return torch.matmul(queries.float(), rows.T, out=out)
 
     def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return (queries.float() * self.weight[ids - self.start]).sum(-1)
@@ -89,7 +93,7 @@ class PopularityScorer:
         self.counts = counts.double()  # (num_items + 1,)
         self.start, self.stop = start, stop
 
-    def scores(self, queries: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def scores(self, queries: torch.Tensor, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.counts[lo:hi].expand(queries.shape[0], -1)
 
     def pair_scores(self, queries: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,39 @@ def chunk_topk(scores: torch.Tensor, lo: int, k: int) -> tuple[torch.Tensor, tor
     keep = above | (tied & (tied.cumsum(1) <= room))  # exactly k per row
     cols = keep.nonzero()[:, 1].view(q, k)  # row-major, so rows stay together
     return order_topk(scores.gather(1, cols), ids.gather(1, cols), k)
+
+
+GROUP = 8  # items per group of the top-k filter (columns c, c + n/8, ...: a strided max, one pass)
+SPARE = 16  # groups a row may still take from a chunk before the exact top-k runs instead
+
+
+def update_topk(top: Optional[tuple[torch.Tensor, torch.Tensor]], scores: torch.Tensor, lo: int,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k (values (Q, k) float64, ids (Q, k)) of earlier chunks, all of smaller ids, merged with
+    this chunk's (Q, n) scores for items lo..lo+n-1, under the total order.
+
+    After the first chunks few items beat a row's running k-th value tau, and an item of this chunk that only
+    ties tau ranks after it (larger id). So the chunk's columns are split into groups, each group's maximum
+    taken, and when no row has more than SPARE groups above its tau, only those groups' items are merged:
+    exact, and a fraction of a full top-k's cost. Otherwise (early chunks, -inf rows) the chunk's exact top-k.
+    """
+    q, n = scores.shape
+    if top is not None and top[0].shape[1] == k and n % GROUP == 0 and n // GROUP > SPARE:
+        width = n // GROUP
+        best, groups = scores.view(q, GROUP, width).amax(1).topk(SPARE + 1, dim=1)  # (Q, SPARE + 1)
+        if bool((best[:, SPARE].double() <= top[0][:, k - 1]).all()):  # every group above tau is in hand
+            offsets = width * torch.arange(GROUP, device=scores.device)
+            cols = (groups[:, :SPARE, None] + offsets).reshape(q, -1)  # (Q, SPARE * GROUP)
+            values = torch.cat([top[0], scores.gather(1, cols).double()], 1)
+            return order_topk(values, torch.cat([top[1], cols + lo], 1), k)
+    cs, ci = chunk_topk(scores, lo, k)
+    if top is None:
+        return cs.double(), ci
+    # both lists are in (value desc, id asc) order and every id of this chunk is above the running list's:
+    # a stable sort by value alone keeps the total order
+    cat_s, cat_i = torch.cat([top[0], cs.double()], 1), torch.cat([top[1], ci], 1)
+    keep = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return cat_s.gather(1, keep), cat_i.gather(1, keep)
 
 
 # ---------------------------------------------------------------- ranking
@@ -171,40 +208,36 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
 
     # 3. this rank's items, in chunks of at most max_chunk_elems scores
     ahead = torch.zeros(total, dtype=torch.long, device=dev)
-    top_s: Optional[torch.Tensor] = None
-    top_i: Optional[torch.Tensor] = None
+    top: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     step = max(1, max_chunk_elems // max(total, 1))
-    buf = torch.empty(total, min(step, max(scorer.stop - scorer.start, 0)), device=dev)  # see _count
+    width_max = min(step, max(scorer.stop - scorer.start, 0))
+    buf = torch.empty(total, width_max, device=dev)  # see _count
+    out = torch.empty(total * width_max, device=dev)  # the chunk's scores, contiguous at any width
     for lo in range(scorer.start, scorer.stop, step):
         hi = min(lo + step, scorer.stop)
         if total == 0:
             break
-        s = scorer.scores(queries, lo, hi).contiguous()  # (Q, n); copies only an expanded view
+        s = scorer.scores(queries, lo, hi, out=out[: total * (hi - lo)].view(total, hi - lo)).contiguous()  # (Q, n)
         if lo == 0:
             s[:, 0] = NEG_INF  # padding row
         if width:
             _mask_seen(s, seen, targets, lo, hi)
-        t = target_score.to(s.dtype)[:, None]  # (Q, 1)
-        ahead += _count(torch.gt, s, t, buf)
-        equal = _count(torch.eq, s, t, buf)
-        # never against itself (its chunk score may differ by an ulp); a gather, not a mask: no host sync
+        t = target_score.to(s.dtype)  # (Q,)
+        # Ties go to the smaller id: against a chunk of smaller ids only (target >= hi) an equal score is
+        # ahead, so compare with the next float below t; elsewhere strictly. One pass over the chunk.
+        below = torch.nextafter(t, torch.full_like(t, NEG_INF))
+        ahead += _count(torch.gt, s, torch.where(targets >= hi, below, t)[:, None], buf)
+        # rows whose target is in this chunk: not against itself (its chunk score may differ from t by an
+        # ulp), and the items tied with it that have smaller ids
         inside = (targets >= lo) & (targets < hi)  # (Q,)
-        own = s.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None])  # (Q, 1)
-        ahead -= (inside[:, None] & (own > t)).long().squeeze(1)
-        equal -= (inside[:, None] & (own == t)).long().squeeze(1)
-        if bool((equal > 0).any()):  # other items with the target's score (rare): smaller ids first
-            tied = (equal > 0).nonzero().squeeze(1)
+        own = s.gather(1, (targets - lo).clamp(0, hi - lo - 1)[:, None]).squeeze(1)  # (Q,)
+        ahead -= (inside & (own > t)).long()
+        if bool(inside.any()):
+            rows = inside.nonzero().squeeze(1)
             ids = torch.arange(lo, hi, device=dev)[None, :]  # (1, n)
-            ahead[tied] += ((s[tied] == t[tied]) & (ids < targets[tied, None])).sum(1)
-        cs, ci = chunk_topk(s, lo, k)
-        if top_s is None:
-            top_s, top_i = cs.double(), ci
-        else:
-            # both lists are in (value desc, id asc) order and every id of this chunk is above the running
-            # list's: a stable sort by value alone keeps the total order
-            cat_s, cat_i = torch.cat([top_s, cs.double()], 1), torch.cat([top_i, ci], 1)
-            best = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
-            top_s, top_i = cat_s.gather(1, best), cat_i.gather(1, best)
+            ahead[rows] += ((s[rows] == t[rows, None]) & (ids < targets[rows, None])).sum(1)
+        top = update_topk(top, s, lo, k)
+    top_s, top_i = top if top is not None else (None, None)
 
     # 4. combine across ranks
     all_reduce(ahead)
