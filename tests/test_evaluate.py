@@ -18,6 +18,7 @@ from tests.helpers import small_stack_config as small_config
 from trainer.distributed.collectives import padded
 from trainer.distributed.context import DistContext
 from trainer.distributed.embeddings import ShardedItemTable
+from trainer.evaluation import ranking
 from trainer.evaluation.metrics import MetricSums
 from trainer.evaluation.ranking import (
     EmbeddingScorer,
@@ -28,7 +29,6 @@ from trainer.evaluation.ranking import (
     order_topk,
     rank_batch,
 )
-from trainer.evaluation import ranking
 
 NUM_ROWS = NUM_ITEMS + 1
 KS = [1, 5, 10]
