@@ -50,13 +50,18 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # sampled_softmax: shared negatives (+ optional in-batch); bce: the paper's, one negative; bpr: pairwise.
-    type: Literal["sampled_softmax", "bce", "bpr"] = "sampled_softmax"
+    # sampled_softmax: shared negatives (+ optional in-batch); full_softmax: the positive against every item of
+    # the catalogue (exact; a step looks up the whole table, so for catalogues of thousands, not millions);
+    # bce: the paper's, one negative; bpr: pairwise.
+    type: Literal["sampled_softmax", "full_softmax", "bce", "bpr"] = "sampled_softmax"
     num_negatives: int = 256  # shared per batch for sampled_softmax; bce/bpr draw one per position
     sampler: Literal["uniform", "popularity"] = "uniform"
     in_batch_negatives: bool = False
     logq_correction: bool = True  # subtract log Q(item) from sampled logits
-    temperature: float = 1.0
+    temperature: float = 1.0  # logits are divided by it
+    # L2-normalised user and item vectors: logits are cosines / temperature, and items are ranked (evaluation,
+    # export, serving) by their normalised vectors, the geometry they were trained in
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.num_negatives < 1:

@@ -183,9 +183,17 @@ def sample_loss_ids(
 ) -> LossIds:
     mask = _loss_positions(targets, positions)
     pos_ids = (targets if positions == "all" else targets[:, -1]).reshape(-1)  # (R,)
+    if cfg.type == "full_softmax":  # every item is a negative but the row's own positive (masked as a hit)
+        return LossIds(mask, pos_ids, torch.arange(1, sampler.num_items + 1, device=targets.device), positions)
     # Even a batch without targets asks for negatives: a sharded lookup is a collective every rank joins.
     count = cfg.num_negatives if cfg.type == "sampled_softmax" else max(pos_ids.numel(), 1)
     return LossIds(mask, pos_ids, sampler.sample(count, generator).to(targets.device), positions)
+
+
+def item_vectors(cfg: LossConfig, emb: torch.Tensor) -> torch.Tensor:
+    """Item rows as the loss scores them: L2-normalised when `normalize` (row 0, all zeros, stays zero). A
+    query's norm does not change its ranking, so ranking by these rows is ranking by the training logits."""
+    return F.normalize(emb, dim=-1) if cfg.normalize else emb
 
 
 def loss_from_embeddings(
@@ -200,8 +208,13 @@ def loss_from_embeddings(
     if r == 0:
         return (hidden.sum() + emb.sum()) * 0.0
     query = ids.queries(hidden)  # (R, D)
+    if cfg.normalize:
+        query, emb = F.normalize(query, dim=-1), item_vectors(cfg, emb)
     valid = ids.valid
     pos_emb, neg_emb = emb[:r], emb[r:]
+    if cfg.type == "full_softmax":
+        return sampled_softmax(query, ids.pos_ids, pos_emb, ids.neg_ids, neg_emb, temperature=cfg.temperature,
+                               valid=valid)
     if cfg.type == "sampled_softmax":
         correct = cfg.logq_correction
         return sampled_softmax(

@@ -262,6 +262,8 @@ def loss_logit_bytes(cfg: Config) -> int:
     rows = t.batch_size * (cfg.model.max_seq_len if t.positions == "all" else 1)
     if t.loss.type == "sampled_softmax":
         cols = 1 + t.loss.num_negatives + (rows if t.loss.in_batch_negatives else 0)
+    elif t.loss.type == "full_softmax":  # every item; a config leaving num_items to the data counts it as 0
+        cols = 1 + cfg.model.num_items
     else:
         cols = 2
     return rows * cols * 4

@@ -168,3 +168,52 @@ def test_empty_batch_still_looks_up_once(kind):
     loss = next_item_loss(LossConfig(type=kind, num_negatives=3), hidden, no_targets, embed, NegativeSampler(10))
     loss.backward()
     assert len(calls) == 1 and loss.item() == 0.0 and hidden.grad is not None
+
+
+def _loss_of(cfg: LossConfig, hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    from model.losses import loss_from_embeddings
+
+    sampler = NegativeSampler(table.shape[0] - 1)
+    ids = sample_loss_ids(cfg, targets, sampler, "all", torch.Generator().manual_seed(0))
+    return loss_from_embeddings(cfg, hidden, ids, table[ids.all], sampler)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_full_softmax_is_cross_entropy_over_the_whole_catalogue(normalize):
+    torch.manual_seed(0)
+    table = torch.randn(41, 6)  # 40 items and the padding row
+    table[0] = 0
+    hidden = torch.randn(2, 3, 6)  # (B, L, D)
+    targets = torch.tensor([[0, 5, 7], [3, 3, 40]])  # one padded position
+    cfg = LossConfig(type="full_softmax", temperature=0.5, normalize=normalize)
+    got = _loss_of(cfg, hidden, targets, table)
+    q, items = hidden.reshape(-1, 6), table[1:]
+    if normalize:
+        q, items = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    keep = targets.reshape(-1) != 0
+    want = torch.nn.functional.cross_entropy((q @ items.T / 0.5)[keep], targets.reshape(-1)[keep] - 1)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_normalized_loss_ignores_the_scale_of_users_and_items():
+    torch.manual_seed(1)
+    table = torch.randn(31, 4)
+    table[0] = 0
+    hidden, targets = torch.randn(2, 5, 4), torch.randint(1, 31, (2, 5))
+    cfg = LossConfig(num_negatives=16, normalize=True, temperature=0.1)
+    base = _loss_of(cfg, hidden, targets, table)
+    assert _loss_of(cfg, hidden * 7.0, targets, table * 0.01).item() == pytest.approx(base.item(), rel=1e-5)
+    assert _loss_of(LossConfig(num_negatives=16), hidden * 7.0, targets, table).item() != pytest.approx(
+        _loss_of(LossConfig(num_negatives=16), hidden, targets, table).item(), rel=1e-3)
+
+
+def test_items_are_ranked_by_the_vectors_the_loss_scored():
+    from model.losses import item_vectors
+
+    rows = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.1, 0.0]])  # padding, a long row, a short one
+    assert torch.equal(item_vectors(LossConfig(), rows), rows)
+    unit = item_vectors(LossConfig(normalize=True), rows)
+    assert unit[0].tolist() == [0.0, 0.0] and unit[1].tolist() == pytest.approx([0.6, 0.8])
+    # a query along the short row ranks it first only in the normalised geometry
+    q = torch.tensor([1.0, 0.0])
+    assert (rows @ q).argmax().item() == 1 and (unit @ q).argmax().item() == 2

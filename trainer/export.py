@@ -36,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 
 from data.prepare import COUNTS_FILE, PreparedData, load_item_counts
 from data.vocab import Vocabulary
+from model.losses import item_vectors
 from trainer.checkpoint import check_compatible, latest_checkpoint, read_meta, verify
 from trainer.config import Config, from_dict, load_config
 from trainer.errors import USER_ERRORS, UserError, one_line
@@ -153,7 +154,8 @@ def export_checkpoint(ckpt: Path, cfg: Config, data: dict[str, Any], out: Path, 
     raw_ids = _raw_ids(data.get("vocab"), m.num_items)
     _fresh(out)
     rows = np.arange(1, m.num_items + 1)
-    md.write_items(out, 0, rows, table[1:].numpy(), load_item_counts(data["item_counts"], m.num_items)[1:], raw_ids)
+    items = item_vectors(cfg.training.loss, table[1:])  # ranked as trained (normalised under loss.normalize)
+    md.write_items(out, 0, rows, items.numpy(), load_item_counts(data["item_counts"], m.num_items)[1:], raw_ids)
     md.write_dense(out, read_dense(ckpt))
     source = {"kind": "checkpoint", "path": str(ckpt.resolve()), "step": meta["step"], "epoch": meta["epoch"]}
     md.write_meta(out, _meta(cfg, data, raw_ids, source), data.get("vocab"))
@@ -172,6 +174,7 @@ def export_from_stack(stack: "Stack", cfg: Config, data: PreparedData, rank: int
     dense tower and, after a barrier, config.json. No rank gathers the table."""
     out = Path(cfg.output.dir).resolve() / "model"
     start, weight = stack.table.row_block()  # collective: (n, D) rows start..start+n-1
+    weight = item_vectors(cfg.training.loss, weight.float())
     _check_out(out)  # on every rank (output.dir is shared), so none is left waiting at the barrier
     if rank == 0:
         _fresh(out)

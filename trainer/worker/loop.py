@@ -26,6 +26,7 @@ from data.prepare import PreparedData
 from data.sequences import sequence_files
 from data.shards import RowShard, rebatch
 from data.vocab import Vocabulary
+from model.losses import item_vectors
 from trainer.config import Config, from_dict
 from trainer.distributed.collectives import padded
 from trainer.distributed.context import DistContext
@@ -202,7 +203,8 @@ class Trainer:
         the queries ranked so far about ten times (the driver's console shows them)."""
         t0 = time.perf_counter()
         self.stack.eval()
-        scorer = EmbeddingScorer(*self.stack.table.row_block())  # collective
+        start, rows = self.stack.table.row_block()  # collective
+        scorer = EmbeddingScorer(start, item_vectors(self.cfg.training.loss, rows.float()))  # as trained
         shard = RowShard(sequence_files(queries), self.ctx.rank, self.ctx.world_size)
         size = self.cfg.eval.batch_size
         rows = rebatch(shard.iter_tables(batch_rows=size), size)  # full batches: their count follows the rows
