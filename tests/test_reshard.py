@@ -220,3 +220,21 @@ def test_column_wise_and_old_checkpoints_refuse_another_world():
     check_reshardable("ckpt", old, 2, "row_wise")
     with pytest.raises(UserError, match="without dense_full.pt; resume it with distributed.num_workers=2"):
         check_reshardable("ckpt", old, 1, "row_wise")
+
+
+def test_shard_digests_add_up_under_any_cut_and_see_one_changed_element(monkeypatch):
+    from trainer.distributed import collectives
+    from trainer.distributed.collectives import shard_digest
+
+    monkeypatch.setattr(collectives, "DIGEST_ROWS", 7)  # several chunks per shard
+    full = torch.randn(50, 6)
+    whole = shard_digest((0, 0), (50, 6), full)
+    rows = shard_digest((0, 0), (50, 6), full[:23]) + shard_digest((23, 0), (50, 6), full[23:])
+    cols = shard_digest((0, 0), (50, 6), full[:, :4]) + shard_digest((0, 4), (50, 6), full[:, 4:])
+    assert rows == pytest.approx(whole, rel=1e-12) and cols == pytest.approx(whole, rel=1e-12)
+    changed = full.clone()
+    changed[31, 2] += 1e-3
+    assert shard_digest((0, 0), (50, 6), changed) != pytest.approx(whole, rel=1e-12)
+    swapped = full.clone()
+    swapped[[3, 4]] = swapped[[4, 3]]  # same values, other places
+    assert shard_digest((0, 0), (50, 6), swapped) != pytest.approx(whole, rel=1e-12)
