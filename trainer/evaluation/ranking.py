@@ -145,18 +145,31 @@ def update_topk(top: Optional[tuple[torch.Tensor, torch.Tensor]], scores: torch.
 
     After the first chunks few items beat a row's running k-th value tau, and an item of this chunk that only
     ties tau ranks after it (larger id). So the chunk's columns are split into groups, each group's maximum
-    taken, and when no row has more than SPARE groups above its tau, only those groups' items are merged:
-    exact, and a fraction of a full top-k's cost. Otherwise (early chunks, -inf rows) the chunk's exact top-k.
+    taken, and a row with at most SPARE groups above its tau merges only those groups' items: exact, and a
+    fraction of a full top-k's cost. The other rows (early chunks, rows still at -inf) take the chunk's exact
+    top-k.
     """
     q, n = scores.shape
-    if top is not None and top[0].shape[1] == k and n % GROUP == 0 and n // GROUP > SPARE:
-        width = n // GROUP
-        best, groups = scores.view(q, GROUP, width).amax(1).topk(SPARE + 1, dim=1)  # (Q, SPARE + 1)
-        if bool((best[:, SPARE].double() <= top[0][:, k - 1]).all()):  # every group above tau is in hand
-            offsets = width * torch.arange(GROUP, device=scores.device)
-            cols = (groups[:, :SPARE, None] + offsets).reshape(q, -1)  # (Q, SPARE * GROUP)
-            values = torch.cat([top[0], scores.gather(1, cols).double()], 1)
-            return order_topk(values, torch.cat([top[1], cols + lo], 1), k)
+    if top is None or top[0].shape[1] != k or n % GROUP or n // GROUP <= SPARE:
+        return _merge_exact(top, scores, lo, k)
+    width = n // GROUP
+    best, groups = scores.view(q, GROUP, width).amax(1).topk(SPARE + 1, dim=1)  # (Q, SPARE + 1)
+    served = best[:, SPARE].double() <= top[0][:, k - 1]  # (Q,) every group above tau is in hand
+    # the groups' columns in ascending order (group c holds c, c + width, ...; groups sorted, offset outer),
+    # after the running list's smaller ids: one stable sort by value is then the total order
+    offsets = width * torch.arange(GROUP, device=scores.device)
+    cols = (offsets[None, :, None] + groups[:, :SPARE].sort(dim=1).values[:, None, :]).reshape(q, -1)
+    cat_s = torch.cat([top[0], scores.gather(1, cols).double()], 1)  # (Q, k + SPARE * GROUP)
+    keep = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
+    values, ids = cat_s.gather(1, keep), torch.cat([top[1], cols + lo], 1).gather(1, keep)
+    if not bool(served.all()):
+        rows = (~served).nonzero().squeeze(1)
+        values[rows], ids[rows] = _merge_exact((top[0][rows], top[1][rows]), scores[rows], lo, k)
+    return values, ids
+
+
+def _merge_exact(top: Optional[tuple[torch.Tensor, torch.Tensor]], scores: torch.Tensor, lo: int,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
     cs, ci = chunk_topk(scores, lo, k)
     if top is None:
         return cs.double(), ci
