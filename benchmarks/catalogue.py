@@ -41,6 +41,7 @@ def run_point(items: int, out_root: Path, limit_s: float) -> dict[str, Any]:
         "table_bytes_per_worker": rows * cfg.model.dim * 4,
         "optimizer_state_bytes_per_worker": rows * 4,
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "commit": provenance(os.getloadavg())["commit"],  # points may come from separate invocations
     }
     t0 = time.perf_counter()
     log = out_root / f"{items}.log"
@@ -64,7 +65,8 @@ def run_point(items: int, out_root: Path, limit_s: float) -> dict[str, Any]:
             "eval_seconds": round(r["phases_s"]["eval"], 1),
             "train_events": r["throughput"]["events"],
             "events_per_s": round(r["throughput"]["events_per_s"]),
-            "items_in_log": r["data"]["num_items"],
+            "items_in_log": r["data"]["num_items"],  # rows the log's vocabulary fills; the rest never train
+            "oov_eval_targets": r["data"].get("oov_eval_targets"),  # held-out targets new to the vocabulary
             "hr@10": {"model": r["metrics"]["hr@10"], **{k: v["hr@10"] for k, v in r["baselines"].items()}},
         })
     else:

@@ -306,6 +306,7 @@ HEAD_MODULES = ["trainer.train", "trainer.driver.launch", "trainer.driver.consol
                 "cluster.submit", "cluster.local", "cluster.scaling", "trainer.recommend", "data.ingest"]
 
 
+@pytest.mark.cli
 def test_the_driver_side_never_imports_torchrec_or_fbgemm():
     """The CUDA fbgemm_gpu (hence torchrec) loads the NVIDIA driver's libnvidia-ml.so.1 at import, which a CPU
     head does not have. So everything that runs on the head (the job's driver, submit, the Ray Train

@@ -68,6 +68,7 @@ def test_quick_cpu_run_writes_every_section(tmp_path: Path, plain_torch_env: dic
     assert r["mixers"]["ratios"]["fp32"]["128"]["attention_over_fft_seconds"] > 0
 
 
+@pytest.mark.slow  # a fresh interpreter: torch's start alone is seconds
 def test_mixer_point_in_a_plain_torch_subprocess(plain_torch_env: dict[str, str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The device run's mixer points: the parent side in this process, the child under the block."""
