@@ -99,7 +99,9 @@ BREAKS = [_missing_column, _mistyped_column, _truncated, _not_parquet, _bad_part
 
 
 # every break read by pyarrow in the driver, and two through Ray Data's tasks (errors arrive wrapped)
-CASES = [(brk, "arrow") for brk in BREAKS] + [(_missing_column, "ray"), (_truncated, "ray")]
+# the Ray back end starts Ray Data (several seconds): outside the fast tier
+CASES = [(brk, "arrow") for brk in BREAKS] + [pytest.param(b, "ray", marks=pytest.mark.slow)
+                                              for b in (_missing_column, _truncated)]
 
 
 def IDS(x) -> str:

@@ -16,6 +16,7 @@ BAD_DATA = {
     "backend": "spark",
     "split": "k_fold",
     "shuffle_buffer": 0,
+    "prefetch": -1,
     "rows_per_bucket": 0,
     "vocab": 3,
     "ts_unit": "minutes",
