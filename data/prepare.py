@@ -65,6 +65,8 @@ def load_item_counts(path: PathLike, num_items: int) -> np.ndarray:
     counts = np.load(path)
     if len(counts) > num_items + 1:
         raise ValueError(f"{path} counts {len(counts) - 1} items, more than num_items={num_items}")
+    if len(counts) == num_items + 1:
+        return counts
     return np.pad(counts, (0, num_items + 1 - len(counts)))
 
 

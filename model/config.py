@@ -70,3 +70,10 @@ class LossConfig:
             raise ValueError(f"training.loss.temperature must be > 0, got {self.temperature}")
         if self.type != "sampled_softmax" and self.in_batch_negatives:
             raise ValueError(f"training.loss.in_batch_negatives needs type 'sampled_softmax', not '{self.type}'")
+
+    @property
+    def needs_counts(self) -> bool:
+        """Whether the loss reads the training-window item counts: the popularity sampler, or log Q of
+        in-batch negatives (drawn as the data draws them). Otherwise workers never load the (N+1,) counts."""
+        in_batch_logq = self.type == "sampled_softmax" and self.in_batch_negatives and self.logq_correction
+        return self.sampler == "popularity" or in_batch_logq

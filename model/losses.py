@@ -40,26 +40,30 @@ class NegativeSampler:
 
     def __init__(self, num_items: int, kind: str = "uniform", counts: Optional[torch.Tensor] = None,
                  device: Optional[torch.device] = None) -> None:
+        if kind not in ("uniform", "popularity"):
+            raise ValueError(f"unknown sampler {kind!r}")
         self.num_items = num_items
         self.kind = kind
         self.device = torch.device("cpu") if device is None else torch.device(device)
-        # Popularity over ids 0..num_items; index 0 (padding) has probability 0.
+        self._log_uniform = -math.log(num_items)
+        self.popularity: Optional[torch.Tensor] = None  # (I+1,) float64, only when counts were given
+        self._cdf: Optional[torch.Tensor] = None
         if counts is not None:
             if counts.shape != (num_items + 1,):
                 raise ValueError(f"counts must have shape ({num_items + 1},), got {tuple(counts.shape)}")
-            pop = counts.double().cpu().clone()
+            # Built in place: at 5x10^7 items each float64 temporary is 400 MB per worker.
+            pop = counts.to(torch.float64, copy=True).cpu()  # (I+1,)
             pop[1:] += 1.0  # never let an item have zero probability
-            pop[0] = 0.0
-        else:
-            pop = torch.ones(num_items + 1, dtype=torch.float64)
-            pop[0] = 0.0
-        popularity = pop / pop.sum()  # (I+1,)
-        if kind not in ("uniform", "popularity"):
-            raise ValueError(f"unknown sampler {kind!r}")
-        # the CDF is summed on the CPU, so a GPU run draws exactly the ids a CPU run draws
-        self._cdf = popularity.cumsum(0).to(self.device) if kind == "popularity" else None
-        self.popularity = popularity.to(self.device)
-        self._log_uniform = -math.log(num_items)
+            pop[0] = 0.0  # padding
+            pop /= pop.sum()
+            self.popularity = pop.to(self.device)
+        if kind == "popularity":
+            if self.popularity is None:
+                self.popularity = torch.full((num_items + 1,), 1.0 / num_items, dtype=torch.float64)
+                self.popularity[0] = 0.0
+                self.popularity = self.popularity.to(self.device)
+            # the CDF is summed on the CPU, so a GPU run draws exactly the ids a CPU run draws
+            self._cdf = self.popularity.cpu().cumsum(0).to(self.device)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self._cdf is None:
@@ -75,7 +79,10 @@ class NegativeSampler:
         return self.log_popularity(ids)
 
     def log_popularity(self, ids: torch.Tensor) -> torch.Tensor:
-        """log P(item), the in-batch negative distribution (-inf for id 0)."""
+        """log P(item), the in-batch negative distribution (-inf for id 0); uniform without counts."""
+        if self.popularity is None:
+            out = torch.full(ids.shape, self._log_uniform, device=ids.device)
+            return out.masked_fill_(ids == 0, -math.inf)
         return self.popularity.to(ids.device)[ids].log().float()
 
 

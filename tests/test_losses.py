@@ -102,6 +102,31 @@ def test_uniform_sampler_range_and_logq():
     assert s.log_q(ids[:3]).allclose(torch.full((3,), -math.log(10)))
 
 
+def test_sampler_without_counts_holds_no_catalogue_sized_table():
+    # uniform counts give the same log P as no counts at all, but no (N+1,) array per worker
+    s = NegativeSampler(10, "uniform")
+    assert s.popularity is None and s._cdf is None
+    smoothed = NegativeSampler(10, "uniform", torch.zeros(11, dtype=torch.long))
+    ids = torch.tensor([0, 1, 7, 10])
+    assert torch.equal(s.log_popularity(ids), smoothed.log_popularity(ids))
+    assert s.log_popularity(ids)[0] == -math.inf
+    # the popularity sampler without counts still draws uniformly, from a CDF
+    u = NegativeSampler(10, "popularity")
+    assert u._cdf is not None and u.log_q(ids[1:]).allclose(torch.full((3,), -math.log(10)))
+
+
+@pytest.mark.parametrize("overrides, needs", [
+    ({}, False),
+    ({"sampler": "popularity"}, True),
+    ({"in_batch_negatives": True}, True),
+    ({"in_batch_negatives": True, "logq_correction": False}, False),
+    ({"type": "full_softmax"}, False),
+    ({"type": "bce", "sampler": "popularity"}, True),
+])
+def test_workers_load_item_counts_only_when_the_loss_reads_them(overrides, needs):
+    assert LossConfig(**overrides).needs_counts is needs
+
+
 def test_loss_positions_all_vs_last():
     hidden = torch.arange(2 * 3 * 1, dtype=torch.float).view(2, 3, 1)
     targets = torch.tensor([[0, 5, 6], [7, 0, 8]])

@@ -64,7 +64,8 @@ class Trainer:
         self.ctx = DistContext.from_process_group()
 
         # 2. The model stack; negatives are drawn per rank, from the training-window popularity when asked.
-        self.stack = Stack(cfg, self.ctx, data.load_item_counts(cfg.model.num_items))
+        counts = data.load_item_counts(cfg.model.num_items) if cfg.training.loss.needs_counts else None
+        self.stack = Stack(cfg, self.ctx, counts)
         self.gen = torch.Generator().manual_seed(cfg.training.seed * 1000 + self.ctx.rank)
 
         # 3. Data: this worker's share of the rows, prepared a few batches ahead in a background thread.

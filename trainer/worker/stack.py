@@ -80,7 +80,7 @@ class Stack:
         # 3. DeepSpeed over the dense tower.
         self.engine = wrap_dense(encoder, cfg, ctx)
         self.dtype = engine_dtype(self.engine)
-        counts = None if item_counts is None else torch.from_numpy(np.array(item_counts, np.int64))
+        counts = None if item_counts is None else torch.from_numpy(np.asarray(item_counts, np.int64))
         self.sampler = NegativeSampler(m.num_items, cfg.training.loss.sampler, counts, device=ctx.device)
 
     # ------------------------------------------------------------ training
