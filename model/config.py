@@ -18,6 +18,9 @@ class ModelConfig:
     kernel_size: int = 50  # K: taps per channel for dwc/fft
     # zero: causal (left zero padding). circular/reflect: the paper's non-causal variants.
     padding: Padding = "zero"
+    # post_norm: the paper's block, LayerNorm after each residual. pre_norm: LayerNorm before each sub-layer
+    # and once at the end, which stays stable when deep (more than a few blocks)
+    block: Literal["post_norm", "pre_norm"] = "post_norm"
     num_heads: int = 2  # attention only
     ffn_mult: int = 4
     dropout: float = 0.2

@@ -14,10 +14,13 @@ from model.mixers import build_mixer
 
 
 class Block(nn.Module):
-    """Token mixer then FFN; each sub-layer is LayerNorm(x + dropout(sublayer(x)))."""
+    """Token mixer then FFN. post_norm (the paper's): each sub-layer is LayerNorm(x + dropout(sublayer(x))).
+    pre_norm: x + dropout(sublayer(LayerNorm(x))), the residual stream left unnormalised, which keeps deep
+    stacks trainable; the encoder then normalises the output once."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.pre_norm = cfg.block == "pre_norm"
         self.mixer = build_mixer(cfg)
         self.mixer_norm = nn.LayerNorm(cfg.dim)
         self.ffn = nn.Sequential(
@@ -30,13 +33,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         keep = valid.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+        if self.pre_norm:
+            # LayerNorm of a padded (zero) row is its bias: masked again, so no padding reaches the mixer
+            x = x + self.dropout(self.mixer(self.mixer_norm(x) * keep, valid)) * keep
+            return x + self.dropout(self.ffn(self.ffn_norm(x))) * keep
         x = self.mixer_norm(x + self.dropout(self.mixer(x, valid))) * keep
         x = self.ffn_norm(x + self.dropout(self.ffn(x))) * keep
         return x  # (B, L, D), zero at padded positions
 
 
 class SequenceEncoder(nn.Module):
-    """The dense tower: position embedding, LayerNorm, dropout, N blocks.
+    """The dense tower: position embedding, LayerNorm, dropout, N blocks (and a final LayerNorm after
+    pre-norm blocks).
 
     Position p is counted back from the end of the window (the newest event is position 0), so
     a history gets the same positions however much left padding its batch needs.
@@ -49,6 +57,7 @@ class SequenceEncoder(nn.Module):
         self.emb_norm = nn.LayerNorm(cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.out_norm = nn.LayerNorm(cfg.dim) if cfg.block == "pre_norm" else None
         self.checkpoint_blocks = False  # set by the trainer for long sequences
         nn.init.normal_(self.pos_emb.weight, std=cfg.init_std)
 
@@ -60,11 +69,17 @@ class SequenceEncoder(nn.Module):
         positions = torch.arange(length - 1, -1, -1, device=item_emb.device)  # (L,)
         keep = valid.unsqueeze(-1).to(item_emb.dtype)  # (B, L, 1)
         x = self.dropout(self.emb_norm(item_emb + self.pos_emb(positions))) * keep
+        return self.run_blocks(x, valid)
+
+    def run_blocks(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The blocks (and the final norm) over embedded inputs x (B, L, D), zero at padding."""
         for block in self.blocks:
             if self.checkpoint_blocks and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, valid, use_reentrant=False)
             else:
                 x = block(x, valid)
+        if self.out_norm is not None:
+            x = self.out_norm(x) * valid.unsqueeze(-1).to(x.dtype)
         return x
 
 

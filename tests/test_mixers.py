@@ -112,16 +112,28 @@ CAUSAL = [
     dict(mixer="fft", padding="zero", kernel_size=32),
     dict(mixer="fft", padding="zero", kernel_size=7),
     dict(mixer="attention"),
+    dict(mixer="fft", padding="zero", kernel_size=32, block="pre_norm"),
+    dict(mixer="dwc", padding="zero", kernel_size=5, block="pre_norm"),
+    dict(mixer="attention", block="pre_norm"),
 ]
+
+
+def _id(kw: dict) -> str:
+    return f"{kw['mixer']}-{kw.get('padding', '')}-K{kw.get('kernel_size', '')}-{kw.get('block', 'post_norm')}"
 
 
 def _encoder(**kw):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=16, num_layers=2, max_seq_len=32, num_heads=2, dropout=0.0, conv_init_std=0.2, **kw)
-    return SequenceEncoder(cfg).eval()
+    enc = SequenceEncoder(cfg).eval()
+    with torch.no_grad():  # LayerNorm biases as training leaves them, not zero: LayerNorm(padding) != 0
+        for m in enc.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.bias.normal_(0.0, 0.5)
+    return enc
 
 
-@pytest.mark.parametrize("kw", CAUSAL, ids=lambda kw: f"{kw['mixer']}-K{kw.get('kernel_size', '')}")
+@pytest.mark.parametrize("kw", CAUSAL, ids=_id)
 @pytest.mark.parametrize("t", [0, 9, 30])
 def test_causal(kw, t):
     enc = _encoder(**kw)
@@ -150,7 +162,7 @@ def test_circular_is_not_causal(kw):
     "kw",
     CAUSAL + [dict(mixer="dwc", padding="circular", kernel_size=8),
               dict(mixer="dwc", padding="reflect", kernel_size=8)],
-    ids=lambda kw: f"{kw['mixer']}-{kw.get('padding', '')}-K{kw.get('kernel_size', '')}",
+    ids=_id,
 )
 def test_padding_never_influences_real_positions(kw):
     enc = _encoder(**kw)
@@ -164,10 +176,11 @@ def test_padding_never_influences_real_positions(kw):
     assert torch.all(y[:, :pad] == 0) and torch.all(y2[:, :pad] == 0)
 
 
+@pytest.mark.parametrize("block", ["post_norm", "pre_norm"])
 @pytest.mark.parametrize("mixer", ["fft", "dwc", "attention"])
-def test_left_padding_amount_does_not_matter(mixer):
+def test_left_padding_amount_does_not_matter(mixer, block):
     # The same history in a window of 10 and of 32 gives the same outputs (positions count from the end).
-    enc = _encoder(mixer=mixer, kernel_size=32 if mixer == "fft" else 9, padding="zero")
+    enc = _encoder(mixer=mixer, kernel_size=32 if mixer == "fft" else 9, padding="zero", block=block)
     hist = torch.randn(1, 10, 16)
     short = enc(hist, torch.ones(1, 10, dtype=torch.bool))
     long_x = torch.cat([torch.zeros(1, 22, 16), hist], dim=1)

@@ -33,12 +33,14 @@ def _hit_rate(scores: torch.Tensor, target: torch.Tensor, k: int) -> float:
 
 
 @pytest.mark.parametrize(
-    "mixer,loss,positions",
-    [("fft", "sampled_softmax", "all"), ("dwc", "bce", "last"), ("attention", "bpr", "all")],
+    "mixer,loss,positions,block,layers",
+    [("fft", "sampled_softmax", "all", "post_norm", 2), ("dwc", "bce", "last", "post_norm", 2),
+     ("attention", "bpr", "all", "post_norm", 2), ("fft", "sampled_softmax", "all", "pre_norm", 8)],
 )
-def test_training_beats_popularity(mixer, loss, positions):
+def test_training_beats_popularity(mixer, loss, positions, block, layers):
     torch.manual_seed(0)
-    cfg = ModelConfig(num_items=NUM_ITEMS, dim=32, num_layers=2, max_seq_len=L, mixer=mixer, kernel_size=L, dropout=0.1)
+    cfg = ModelConfig(num_items=NUM_ITEMS, dim=32, num_layers=layers, max_seq_len=L, mixer=mixer, kernel_size=L,
+                      dropout=0.1, block=block)
     model = ConvFormer(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=6e-3)
     train = _sequences(4096, seed=1)

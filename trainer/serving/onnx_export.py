@@ -48,9 +48,7 @@ class UserTower(nn.Module):
         positions = enc.pos_emb.weight[:length].flip(0)  # (L, D): the newest event is position 0
         keep = valid.unsqueeze(-1).to(torch.float32)  # (B, L, 1)
         x = enc.emb_norm(self.items[histories] + positions) * keep  # dropout is the identity in eval
-        for block in enc.blocks:
-            x = block(x, valid)
-        return last_hidden(x, valid)  # (B, D)
+        return last_hidden(enc.run_blocks(x, valid), valid)  # (B, D)
 
 
 def export_onnx(model: ServingModel, out: str | os.PathLike | None = None) -> Path:
