@@ -92,6 +92,7 @@ def test_missing_and_bad_files(tmp_path):
     ("eval.select=ndcg@7", r"eval.select must be .* k in eval.ks"),
     ("eval.select=auc", "eval.select must be"),
     ("eval.patience=-1", "eval.patience"),
+    ("eval.patience_steps=-5", "eval.patience_steps"),
     ("debug.kill_in_save=true", "kill_in_save needs a checkpoint"),
 ])
 def test_selection_and_split_mistakes_are_refused(override, match):

@@ -144,10 +144,14 @@ class EvalConfig:
     popularity_baseline: bool = True
     oracle: bool = True  # synthetic logs only
     # With a validation split (data.split=leave_one_out): validate every `every_epochs` epochs, keep the
-    # weights that score best on `select`, stop after `patience` validations without improvement (0: never),
-    # and report test metrics of the best weights. The test split never steers training.
+    # weights that score best on `select`, stop after `patience` validations without improvement (0: never)
+    # once `patience_steps` optimizer steps have also passed since the best one, and report test metrics of
+    # the best weights. The test split never steers training. Patience in steps as well as validations: on a
+    # few hundred users an epoch is a handful of steps and validation is noisy, so epochs alone would stop a
+    # run after a few dozen steps; on large data the validations are the binding count.
     every_epochs: int = 1
     patience: int = 0
+    patience_steps: int = 200
     select: str = "ndcg@10"
 
     def __post_init__(self) -> None:
@@ -158,6 +162,8 @@ class EvalConfig:
         if self.every_epochs < 1 or self.patience < 0:
             raise ValueError(f"eval.every_epochs must be >= 1 and eval.patience >= 0, got {self.every_epochs}, "
                              f"{self.patience}")
+        if self.patience_steps < 0:
+            raise ValueError(f"eval.patience_steps must be >= 0, got {self.patience_steps}")
         name, _, k = self.select.partition("@")
         if not (self.select == "mrr" or (name in ("hr", "ndcg", "recall") and k.isdigit() and int(k) in self.ks)):
             raise ValueError(f"eval.select must be 'mrr' or hr|ndcg|recall@k with k in eval.ks={self.ks}, "

@@ -52,6 +52,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return Trainer(cfg, data).run()
 
 
+def patience_spent(bad: int, steps_since_best: int, patience: int, patience_steps: int) -> bool:
+    """Early stopping (eval.patience, eval.patience_steps): `patience` validations in a row without
+    improvement, and at least `patience_steps` optimizer steps since the best one. patience 0: never."""
+    return patience > 0 and bad >= patience and steps_since_best >= patience_steps
+
+
 class Trainer:
     def __init__(self, cfg: Config, data: PreparedData) -> None:
         self.cfg, self.data = cfg, data
@@ -83,7 +89,8 @@ class Trainer:
         self.restarted = False
         self.saved_world_size: Optional[int] = None  # the world that wrote the checkpoint resumed from
         # model selection on the validation split: best score, its epoch, validations since, its weights
-        self.best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "bad": 0, "metrics": None, "weights": None}
+        self.best: dict[str, Any] = {"score": float("-inf"), "epoch": 0, "step": 0, "bad": 0, "metrics": None,
+                                     "weights": None}
         if (ckpt := ray.train.get_checkpoint()) is not None:
             self.restarted = True
             state = self.checkpointer.load(ckpt, self.stack, self.loader)
@@ -182,7 +189,7 @@ class Trainer:
         metrics = self.evaluate(self.data.valid_queries)
         score = metrics[e.select]
         if score > self.best["score"]:
-            self.best = {"score": score, "epoch": self.loader.epoch, "bad": 0, "metrics": metrics,
+            self.best = {"score": score, "epoch": self.loader.epoch, "step": self.step, "bad": 0, "metrics": metrics,
                          "weights": self.stack.snapshot()}
         else:
             self.best["bad"] += 1
@@ -194,7 +201,8 @@ class Trainer:
         return True
 
     def _patience_spent(self) -> bool:
-        return bool(self.cfg.eval.patience) and self.best["bad"] >= self.cfg.eval.patience
+        e = self.cfg.eval
+        return patience_spent(self.best["bad"], self.step - self.best.get("step", 0), e.patience, e.patience_steps)
 
     # ------------------------------------------------------------------ evaluation
 
