@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.results import provenance
 from trainer.config import load_config
 from trainer.driver.launch import run
 
@@ -53,18 +54,41 @@ MODELS = {"convformer-f": "ConvFormer-F (fft, K=L=200)", "convformer": "ConvForm
           "sasrec": "our SASRec (attention)"}
 
 
+def lever(key: str, r: dict[str, Any]) -> str:
+    """What a run changed from its config: the overrides, or 'config defaults'."""
+    return ", ".join(o.split(".", 1)[-1] for o in r["overrides"]) or "config defaults"
+
+
+def milestones(metrics_log: Path, since: float, select: str) -> list[dict[str, Any]]:
+    """Every validation of a run from its metrics.jsonl: epoch, step, seconds since `since` (wall clock at
+    the run's start) and the validation metrics, in order."""
+    out = []
+    for line in metrics_log.read_text().splitlines() if metrics_log.is_file() else []:
+        r = json.loads(line)
+        if f"valid/{select}" in r and r["time"] >= since:
+            out.append({"epoch": r["epoch"], "step": r["step"], "s": round(r["time"] - since, 1),
+                        **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith("valid/")}})
+    return out
+
+
+def first_reaching(validations: list[dict[str, Any]], metric: str, levels: list[float]) -> dict[str, Any]:
+    """Seconds to the first validation at or above each level of `metric` (None: never reached)."""
+    return {f"{lvl:.2f}": next((v["s"] for v in validations if v[metric] >= lvl), None) for lvl in levels}
+
+
 def table(done: dict[str, Any]) -> str:
     keys = ["hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr"]
-    lines = ["| data | model | loss | " + " | ".join(k.upper() for k in keys)
-             + " | best / last epoch | wall time |", "|" + "---|" * (len(keys) + 5)]
+    lines = ["| data | model | lever | valid NDCG@10 | " + " | ".join(f"test {k.upper()}" for k in keys)
+             + " | best / last epoch | wall time | load |", "|" + "---|" * (len(keys) + 7)]
     for key, r in sorted(done.items(), key=lambda kv: (kv[0].split("-")[1] != "1m", kv[0])):
         config = key.split(":")[0]
         data, model = config.split("-", 2)[:2], config.split("-", 2)[2]
-        loss = "bce" if "training.loss.type=bce" in r["overrides"] else "sampled softmax (256)"
         cells = " | ".join(f"{r['test'][k]:.4f}" for k in keys)
-        lines.append(f"| {'-'.join(data)} | {MODELS.get(model, model)} | {loss} | {cells} | "
+        load = r.get("load_average_before")
+        lines.append(f"| {'-'.join(data)} | {MODELS.get(model, model)} | {lever(key, r)} | "
+                     f"{r['validation']['metrics']['ndcg@10']:.4f} | {cells} | "
                      f"{r['validation']['best_epoch']} / {r['throughput']['epochs_completed']} | "
-                     f"{r['wall_s'] / 60:.0f} min |")
+                     f"{r['wall_s'] / 60:.0f} min | {'' if load is None else f'{load[0]:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -88,11 +112,16 @@ def main() -> None:
             continue
         run_dir = Path(args.runs_dir) / key.replace(":", "-")
         cfg = load_config(f"configs/movielens/{config}.yaml", [*overrides, f"output.dir={run_dir}"])
-        t0 = time.perf_counter()
+        load_before, since, t0 = os.getloadavg(), time.time(), time.perf_counter()
         results = run(cfg, resume=(run_dir / "ray").exists())
+        validations = milestones(run_dir / "metrics.jsonl", since, cfg.eval.select)
         done[key] = {
             "config": f"configs/movielens/{config}.yaml", "overrides": overrides,
+            "command": " ".join(["python -m trainer.train --config", f"configs/movielens/{config}.yaml", *overrides]),
             "wall_s": round(time.perf_counter() - t0, 1), "hardware": hardware(),
+            **{k: v for k, v in provenance(load_before).items() if k != "machine"},
+            "validations": validations,
+            "valid_ndcg@10_first_reached_s": first_reaching(validations, "ndcg@10", [0.15, 0.17, 0.18, 0.19]),
             "test": results["metrics"], "validation": results["validation"],
             "popularity": results["baselines"].get("popularity"), "throughput": results["throughput"],
             "data": {k: results["data"][k] for k in ("num_train_users", "num_eval_queries", "num_valid_queries")},
