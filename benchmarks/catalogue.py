@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.ranking import ours, plain
+from benchmarks.ranking import compare
 from benchmarks.results import provenance, write_result
 from trainer.config import load_config
 
@@ -81,22 +81,6 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def ranking_ratio(items: int, queries: int, dim: int = 64, k: int = 100, seen: int = 50,
-                  batch: int = 512) -> dict[str, Any]:
-    """Ours (exact ranks, ties, seen excluded, top-k) over plain matmul + topk, same rows, one process."""
-    torch.manual_seed(0)
-    weight = torch.randn(items + 1, dim) * 0.1  # (N + 1, D)
-    weight[0] = 0
-    q = torch.randn(queries, dim)
-    targets = torch.randint(1, items + 1, (queries,))
-    seen_ids = torch.randint(1, items + 1, (queries, seen))
-    floor = plain(weight, q, k, batch)
-    mine = ours(weight, q, targets, seen_ids, k, batch)
-    return {"items": items, "queries": queries, "dim": dim, "threads": torch.get_num_threads(),
-            "plain_queries_per_s": round(queries / floor, 2), "eval_queries_per_s": round(queries / mine, 2),
-            "eval_vs_matmul_topk": round(floor / mine, 3)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, nargs="*", default=[1_000_000, 10_000_000, 50_000_000])
@@ -124,7 +108,7 @@ def main() -> None:
         write_result({**result, **provenance(load)}, a.out)  # after every point
     if a.ratio_items:
         torch.set_num_threads(2)
-        result["ranking"] = ranking_ratio(a.ratio_items, a.ratio_queries)
+        result["ranking"] = compare(a.ratio_items, a.ratio_queries)
         result["eval_vs_matmul_topk"] = result["ranking"]["eval_vs_matmul_topk"]
     write_result({**result, **provenance(load)}, a.out)
 

@@ -159,9 +159,7 @@ def update_topk(top: Optional[tuple[torch.Tensor, torch.Tensor]], scores: torch.
     # after the running list's smaller ids: one stable sort by value is then the total order
     offsets = width * torch.arange(GROUP, device=scores.device)
     cols = (offsets[None, :, None] + groups[:, :SPARE].sort(dim=1).values[:, None, :]).reshape(q, -1)
-    cat_s = torch.cat([top[0], scores.gather(1, cols).double()], 1)  # (Q, k + SPARE * GROUP)
-    keep = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
-    values, ids = cat_s.gather(1, keep), torch.cat([top[1], cols + lo], 1).gather(1, keep)
+    values, ids = _stable_merge(top, scores.gather(1, cols), cols + lo, k)  # from k + SPARE * GROUP
     if not bool(served.all()):
         rows = (~served).nonzero().squeeze(1)
         values[rows], ids[rows] = _merge_exact((top[0][rows], top[1][rows]), scores[rows], lo, k)
@@ -173,9 +171,14 @@ def _merge_exact(top: Optional[tuple[torch.Tensor, torch.Tensor]], scores: torch
     cs, ci = chunk_topk(scores, lo, k)
     if top is None:
         return cs.double(), ci
-    # both lists are in (value desc, id asc) order and every id of this chunk is above the running list's:
-    # a stable sort by value alone keeps the total order
-    cat_s, cat_i = torch.cat([top[0], cs.double()], 1), torch.cat([top[1], ci], 1)
+    return _stable_merge(top, cs, ci, k)
+
+
+def _stable_merge(top: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, ids: torch.Tensor,
+                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of the running list and (Q, m) candidates whose ids are all larger and ascending within
+    equal values: a stable sort by value alone is then the total order."""
+    cat_s, cat_i = torch.cat([top[0], values.double()], 1), torch.cat([top[1], ids], 1)
     keep = cat_s.argsort(dim=1, descending=True, stable=True)[:, :k]
     return cat_s.gather(1, keep), cat_i.gather(1, keep)
 
@@ -226,6 +229,7 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
     width_max = min(step, max(scorer.stop - scorer.start, 0))
     buf = torch.empty(total, width_max, device=dev)  # see _count
     out = torch.empty(total * width_max, device=dev)  # the chunk's scores, contiguous at any width
+    t = below = None  # the target's score in the chunks' dtype, and the next float below it
     for lo in range(scorer.start, scorer.stop, step):
         hi = min(lo + step, scorer.stop)
         if total == 0:
@@ -235,10 +239,11 @@ def rank_batch(scorer: Scorer, batch: EvalBatch, k: int, exclude_seen: bool = Fa
             s[:, 0] = NEG_INF  # padding row
         if width:
             _mask_seen(s, seen, targets, lo, hi)
-        t = target_score.to(s.dtype)  # (Q,)
+        if t is None or t.dtype != s.dtype:
+            t = target_score.to(s.dtype)  # (Q,)
+            below = torch.nextafter(t, torch.full_like(t, NEG_INF))
         # Ties go to the smaller id: against a chunk of smaller ids only (target >= hi) an equal score is
         # ahead, so compare with the next float below t; elsewhere strictly. One pass over the chunk.
-        below = torch.nextafter(t, torch.full_like(t, NEG_INF))
         ahead += _count(torch.gt, s, torch.where(targets >= hi, below, t)[:, None], buf)
         # rows whose target is in this chunk: not against itself (its chunk score may differ from t by an
         # ulp), and the items tied with it that have smaller ids
