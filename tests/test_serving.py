@@ -22,9 +22,10 @@ from trainer.serving.onnx_export import export_onnx, onnx_session, run_onnx
 NUM_ITEMS, DIM, SEQ = 300, 16, 12
 
 
-def _write_model(out, mixer="fft"):
-    cfg = ModelConfig(num_items=NUM_ITEMS, dim=DIM, num_layers=1, max_seq_len=SEQ, mixer=mixer, kernel_size=SEQ,
-                      dropout=0.0, conv_init_std=0.2)
+def _write_model(out, mixer="fft", **kw):
+    kw = {"num_layers": 1, **kw}
+    cfg = ModelConfig(num_items=NUM_ITEMS, dim=DIM, max_seq_len=SEQ, mixer=mixer, kernel_size=SEQ,
+                      dropout=0.0, conv_init_std=0.2, **kw)
     torch.manual_seed(0)
     encoder = SequenceEncoder(cfg)
     items = torch.randn(NUM_ITEMS, DIM)
@@ -69,8 +70,8 @@ def test_a_missing_or_incomplete_model_dir_is_refused(tmp_path):
         md.load(tmp_path)
 
 
-def test_onnx_matches_torch_at_every_length(served, onnx_model):
-    _, model, _, _ = served
+def _onnx_error(model, session) -> float:
+    """The largest |ONNX - torch| over user vectors of left-padded histories of every length 1..SEQ."""
     gen = torch.Generator().manual_seed(1)
     worst = 0.0
     for length in range(1, SEQ + 1):
@@ -78,10 +79,26 @@ def test_onnx_matches_torch_at_every_length(served, onnx_model):
         pads = torch.randint(0, length, (8,), generator=gen)
         hist[torch.arange(length)[None, :] < pads[:, None]] = 0  # left padding, at least one real event
         want = model.user_vectors(hist).numpy()  # the torch model as it runs: FFT mixer
-        got = run_onnx(onnx_model, hist.numpy())
+        got = run_onnx(session, hist.numpy())
         worst = max(worst, float(np.abs(got - want).max()))
+    return worst
+
+
+def test_onnx_matches_torch_at_every_length(served, onnx_model):
+    worst = _onnx_error(served[1], onnx_model)
     print(f"onnx max abs error over L=1..{SEQ}: {worst:.2e}")
     assert worst <= 1e-5
+
+
+def test_onnx_matches_torch_with_pre_norm_blocks(tmp_path):
+    encoder, _ = _write_model(tmp_path, block="pre_norm", num_layers=2)
+    with torch.no_grad():  # a trained final LayerNorm, not the identity it starts as
+        encoder.out_norm.weight.uniform_(0.5, 1.5)
+        encoder.out_norm.bias.normal_()
+    md.write_dense(tmp_path, encoder.state_dict())
+    model = md.load(tmp_path)
+    assert model.meta.model.block == "pre_norm" and model.encoder.out_norm is not None
+    assert _onnx_error(model, onnx_session(export_onnx(model))) <= 1e-5
 
 
 def test_faiss_exact_equals_brute_force_and_ivf_recall_is_measured(served):
