@@ -59,3 +59,25 @@ def test_ranks_and_top_lists_per_query():
                      EvalBatch(torch.zeros(3, 1), torch.from_numpy(targets), torch.from_numpy(seen)), 3,
                      exclude_seen=True)
     assert ref.ranks.tolist() == [2, 4, 5] and ref.topk_ids.tolist() == [[1, 3, 4], [2, 1, 3], [2, 4, -1]]
+
+
+def test_top_lists_with_long_seen_lists_stay_small_in_memory():
+    # ml-1m: 6,040 queries of up to 2,313 seen items; a (B, k + S, S) comparison would be 30 GiB
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    b, s, n, k = 500, 1000, 2000, 50
+    ranking = PopularityRanking(np.concatenate([[0], rng.integers(0, 50, n)]))
+    seen = np.sort(np.stack([rng.choice(np.arange(1, n + 1), s, replace=False) for _ in range(b)]), axis=1)
+    seen[:, :100] = 0  # padding
+    seen[0, -1] = n + 5  # an out-of-vocabulary seen item is ignored
+    targets = seen[:, -2].copy()  # a seen target stays
+    tracemalloc.start()
+    top = ranking.topk(targets, seen, k, exclude_seen=True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 << 20, peak  # a (B, k + S, S) bool array would be 525 MB
+    for row in range(0, b, 97):  # the first k of the order that are not excluded
+        drop = set(seen[row].tolist()) - {int(targets[row])}
+        want = [int(i) for i in ranking.order if int(i) not in drop][:k]
+        assert top[row].tolist() == want

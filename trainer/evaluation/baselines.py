@@ -46,11 +46,13 @@ class PopularityRanking:
         b = seen.shape[0]
         width = seen.shape[1] if exclude_seen else 0
         head = self.order[: k + width]  # (k + S,) enough to fill k after any S exclusions
+        excluded = np.zeros((b, len(head)), bool)  # (B, k + S)
         if width:
-            drop = np.where(seen == targets[:, None], 0, seen)  # (B, S)
-            excluded = (head[None, :, None] == drop[:, None, :]).any(2)  # (B, k + S)
-        else:
-            excluded = np.zeros((b, len(head)), bool)
+            # a seen item's place in the order says which head column it knocks out: O(B S), no (B, k+S, S)
+            drop = np.where((seen == targets[:, None]) | (seen > self.num_items), 0, seen)  # (B, S)
+            place = self.pos[drop]  # (B, S); padding (0) has place N, past any head
+            rows, cols = np.nonzero(place < len(head))
+            excluded[rows, place[rows, cols]] = True
         cols = np.argsort(excluded, axis=1, kind="stable")[:, :k]  # kept items first, in order
         ids = np.where(np.take_along_axis(excluded, cols, 1), -1, head[cols]) if len(head) else \
             np.zeros((b, 0), np.int64)
