@@ -132,6 +132,21 @@ def sampled_softmax(
     return _masked_mean(-F.log_softmax(logits, dim=1)[:, 0], valid)
 
 
+def full_softmax(
+    query: torch.Tensor,  # (R, D)
+    pos_ids: torch.Tensor,  # (R,) item ids 1..N, 0 where a row has no target
+    item_emb: torch.Tensor,  # (N, D) items 1..N in id order
+    temperature: float = 1.0,
+    valid: Optional[torch.Tensor] = None,  # (R,) bool
+) -> torch.Tensor:
+    """Cross-entropy of each row's positive against every item: the sampled softmax with every item as a
+    negative (the positive's own column masked) is this, computed as one (R, N) logit matrix and a fused
+    log-softmax, without the mask, the concatenation and their (R, N) copies (half the step time on ml-1m)."""
+    logits = (query / temperature) @ item_emb.T  # (R, N)
+    per_row = F.cross_entropy(logits.float(), (pos_ids - 1).clamp(min=0), reduction="none")  # (R,)
+    return _masked_mean(per_row, valid)
+
+
 def bce(query: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
         valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The paper's loss: -log s(q.p) - log(1 - s(q.n)), one negative per row. All (N, D)."""
@@ -190,7 +205,7 @@ def sample_loss_ids(
 ) -> LossIds:
     mask = _loss_positions(targets, positions)
     pos_ids = (targets if positions == "all" else targets[:, -1]).reshape(-1)  # (R,)
-    if cfg.type == "full_softmax":  # every item is a negative but the row's own positive (masked as a hit)
+    if cfg.type == "full_softmax":  # every item, in id order: the logits of full_softmax
         return LossIds(mask, pos_ids, torch.arange(1, sampler.num_items + 1, device=targets.device), positions)
     # Even a batch without targets asks for negatives: a sharded lookup is a collective every rank joins.
     count = cfg.num_negatives if cfg.type == "sampled_softmax" else max(pos_ids.numel(), 1)
@@ -220,8 +235,7 @@ def loss_from_embeddings(
     valid = ids.valid
     pos_emb, neg_emb = emb[:r], emb[r:]
     if cfg.type == "full_softmax":
-        return sampled_softmax(query, ids.pos_ids, pos_emb, ids.neg_ids, neg_emb, temperature=cfg.temperature,
-                               valid=valid)
+        return full_softmax(query, ids.pos_ids, neg_emb, cfg.temperature, valid)
     if cfg.type == "sampled_softmax":
         correct = cfg.logq_correction
         return sampled_softmax(

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import LossConfig
-from model.losses import NegativeSampler, bce, bpr, sample_loss_ids, sampled_softmax
+from model.losses import NegativeSampler, bce, bpr, full_softmax, sample_loss_ids, sampled_softmax
 from tests.helpers import next_item_loss
 
 
@@ -242,3 +242,20 @@ def test_items_are_ranked_by_the_vectors_the_loss_scored():
     # a query along the short row ranks it first only in the normalised geometry
     q = torch.tensor([1.0, 0.0])
     assert (rows @ q).argmax().item() == 1 and (unit @ q).argmax().item() == 2
+
+
+def test_full_softmax_equals_sampled_softmax_with_every_item_as_a_negative():
+    # the cross-entropy form and the masked sampled form are the same loss, value and gradients
+    torch.manual_seed(1)
+    q = torch.randn(9, 5, requires_grad=True)
+    items = torch.randn(12, 5, requires_grad=True)  # items 1..12
+    pos = torch.tensor([3, 0, 12, 1, 1, 7, 0, 12, 5])
+    valid = pos != 0
+    every = torch.arange(1, 13)
+    got = full_softmax(q, pos, items, temperature=0.3, valid=valid)
+    g_got = torch.autograd.grad(got, (q, items))
+    want = sampled_softmax(q, pos, items[(pos - 1).clamp(min=0)], every, items, temperature=0.3, valid=valid)
+    g_want = torch.autograd.grad(want, (q, items))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-6)
