@@ -35,7 +35,8 @@ def _hit_rate(scores: torch.Tensor, target: torch.Tensor, k: int) -> float:
 @pytest.mark.parametrize(
     "mixer,loss,positions,block,layers",
     [("fft", "sampled_softmax", "all", "post_norm", 2), ("dwc", "bce", "last", "post_norm", 2),
-     ("attention", "bpr", "all", "post_norm", 2), ("fft", "sampled_softmax", "all", "pre_norm", 8)],
+     ("attention", "bpr", "all", "post_norm", 2),
+     pytest.param("fft", "sampled_softmax", "all", "pre_norm", 8, marks=pytest.mark.slow)],  # 8 deep blocks
 )
 def test_training_beats_popularity(mixer, loss, positions, block, layers):
     torch.manual_seed(0)
