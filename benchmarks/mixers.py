@@ -83,11 +83,12 @@ def measure(variant: str, length: int, dim: int, batch: int, device: str, dtype:
 
 def machine_rates(dim: int, batch: int, lengths: list[int]) -> dict:
     """What this CPU sustains, for the FFT path's floor: fp32 matmul FLOP/s (a peak for arithmetic), copy
-    bandwidth (bytes read + written per second), and the FFT library's in-cache real transform time per
-    sequence at each transform length n (rfft + irfft of one cache-sized block, halved)."""
+    bandwidth (bytes read + written per second), and per transform length n the FFT library's in-cache real
+    transforms (rfft and irfft apart, on one block as `model.mixers` blocks them; they differ about 2x here)
+    and one whole (B, L, D) -> (B, D, L) transposed copy."""
     import torch
 
-    from model.mixers import SPECTRUM_CHUNK_BYTES, _fast_fft_size
+    from model.mixers import _chunks, _fast_fft_size
 
     def best(f, repeats: int = 7) -> float:
         f()
@@ -106,26 +107,37 @@ def machine_rates(dim: int, batch: int, lengths: list[int]) -> dict:
     transform = {}
     for length in lengths:
         n = _fast_fft_size(2 * length - 1)  # K = L, zero padding
-        rows = max(1, SPECTRUM_CHUNK_BYTES // (8 * (n // 2 + 1)))
+        b, d = _chunks(batch, dim, n // 2 + 1)[0]
+        rows = (b.stop - b.start) * (d.stop - d.start)
         block = torch.randn(rows, n)
         spec = torch.fft.rfft(block)
-        seconds = best(lambda: torch.fft.rfft(block)) + best(lambda: torch.fft.irfft(spec, n=n))
-        transform[str(length)] = {"n": n, "seconds_per_sequence": seconds / 2 / rows}
+        x = torch.randn(batch, length, dim)
+        xt = torch.empty(batch, dim, length)
+        transform[str(length)] = {
+            "n": n,
+            "block_sequences": rows,
+            "rfft_seconds_per_sequence": best(lambda: torch.fft.rfft(block)) / rows,
+            "irfft_seconds_per_sequence": best(lambda: torch.fft.irfft(spec, n=n)) / rows,
+            "transpose_seconds": best(lambda: xt.copy_(x.transpose(1, 2))),
+        }
     return {"matmul_flops": flops, "copy_bytes_per_s": bandwidth, "transform": transform}
 
 
 def fft_floor(length: int, dim: int, batch: int, rates: dict) -> dict:
-    """The FFT mixer's floor for one forward+backward: five real transforms of the B*D sequences at length n
-    (forward: x and y; backward: the gradient, x again, grad_x) and the bytes it must move (x and y forward;
-    grad_y, x and grad_x backward, fp32). Roofline: the larger of arithmetic at matmul speed and bytes at copy
-    bandwidth; library: five transforms at the FFT library's in-cache speed."""
+    """The FFT mixer's floor for one forward+backward as `model.mixers` computes it: four real transforms of the
+    B*D sequences at length n (forward: rfft of x, irfft of y; backward: rfft of the gradient, irfft of
+    grad_x), and the bytes it must move: x, y, grad_y and grad_x (fp32), plus the kept spectrum X (complex64)
+    written forward and read backward. Roofline: the larger of arithmetic at matmul speed and bytes at copy
+    bandwidth. Library: the four transforms at the FFT library's in-cache speed; with transposes: plus the four
+    (B, L, D) <-> (B, D, L) copies that feed them, at the measured transposed-copy speed."""
     t = rates["transform"][str(length)]
     n, seqs = t["n"], batch * dim
-    flop = 5 * seqs * 2.5 * n * math.log2(n)  # a real transform ~ half a complex one's 5 n log2 n
-    moved = 5 * batch * length * dim * 4
+    flop = 4 * seqs * 2.5 * n * math.log2(n)  # a real transform ~ half a complex one's 5 n log2 n
+    moved = 4 * batch * length * dim * 4 + 2 * seqs * (n // 2 + 1) * 8
     roofline = max(flop / rates["matmul_flops"], moved / rates["copy_bytes_per_s"])
-    return {"n": n, "flop": flop, "bytes": moved, "roofline_seconds": roofline,
-            "library_seconds": 5 * seqs * t["seconds_per_sequence"]}
+    library = 2 * seqs * (t["rfft_seconds_per_sequence"] + t["irfft_seconds_per_sequence"])
+    return {"n": n, "flop": flop, "bytes": moved, "roofline_seconds": roofline, "library_seconds": library,
+            "library_and_transposes_seconds": library + 4 * t["transpose_seconds"]}
 
 
 def run_point(variant: str, length: int, args: argparse.Namespace) -> dict:
@@ -212,6 +224,8 @@ def main() -> None:
             floor = fft_floor(length, args.dim, args.batch, rates)
             floor["fft_over_roofline"] = round(fft["seconds"] / floor["roofline_seconds"], 2)
             floor["fft_over_library"] = round(fft["seconds"] / floor["library_seconds"], 2)
+            floor["fft_over_library_and_transposes"] = round(
+                fft["seconds"] / floor["library_and_transposes_seconds"], 2)
             floors[str(length)] = floor
     result = {
         "benchmark": "one mixer layer, forward+backward",

@@ -63,12 +63,13 @@ def _fast_fft_size(n: int) -> int:
 
 
 SPECTRUM_CHUNK_BYTES = 4 << 20  # one chunk's spectrum: small enough to stay in cache between the transforms
+CHUNK_MIN_SEQUENCES = 256  # but enough sequences per call for the FFT library's threads (measured on CPU)
 
 
 def _chunks(batch: int, dim: int, freqs: int) -> list[tuple[slice, slice]]:
-    """(batch, channel) blocks whose spectra hold about SPECTRUM_CHUNK_BYTES: whole batch rows when one row's
-    channels fit, else blocks of channels of one row (long L)."""
-    rows = max(1, SPECTRUM_CHUNK_BYTES // (8 * freqs))  # complex64 spectra of `rows` sequences
+    """(batch, channel) blocks of about max(SPECTRUM_CHUNK_BYTES of spectra, CHUNK_MIN_SEQUENCES sequences):
+    whole batch rows when one row's channels fit, else blocks of channels of one row."""
+    rows = max(1, CHUNK_MIN_SEQUENCES, SPECTRUM_CHUNK_BYTES // (8 * freqs))  # sequences per block
     if rows >= dim:
         step = rows // dim
         return [(slice(b, min(b + step, batch)), slice(0, dim)) for b in range(0, batch, step)]
@@ -86,46 +87,54 @@ class _SpectralConv(torch.autograd.Function):
     """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs, plus a bias.
 
     Blocked: each (batch, channel) block is transformed, multiplied and transformed back while its spectrum is
-    still in cache, so no (B, D, n) spectrum is ever materialised and memory stays O(B L D). The bias is added
-    in the spectrum (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the
-    zero-frequency bin of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward
-    is hand-written: the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
-    grad_h = irfft(sum_b G conj(X)); it recomputes X per block rather than keeping it from the forward.
+    still in cache, so no (B, D, n) spectrum is ever computed at once. The bias is added in the spectrum
+    (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the zero-frequency bin
+    of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward is hand-written:
+    the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
+    grad_h = irfft(sum_b G conj(X)). When h needs a gradient the forward keeps each block's X (about twice
+    x's bytes at zero padding, once at circular) rather than x, so the backward makes two transforms per block,
+    not three.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, h: torch.Tensor, bias: torch.Tensor, n: int) -> torch.Tensor:
         batch, length, dim = x.shape
+        keep = ctx.needs_input_grad[1]  # X is read only by grad_h
         h_f = torch.fft.rfft(h, n=n)  # (D, F), F = n//2 + 1
         dc = n * bias  # (D,) on the zero-frequency bin of the product: bias on every output
         y = torch.empty_like(x)  # (B, L, D)
         blocks = _chunks(batch, dim, h_f.shape[-1])
         buf = _padded((blocks[0][0].stop - blocks[0][0].start, blocks[0][1].stop, n), x)
+        spectra = []
+        product = torch.empty(buf.shape[:2] + h_f.shape[-1:], dtype=h_f.dtype, device=x.device) if keep else None
         for b, d in blocks:
             xb = buf[: b.stop - b.start, : d.stop - d.start]  # (b, d, n)
             xb[..., :length].copy_(x[b, :, d].transpose(1, 2))
-            y_f = torch.fft.rfft(xb).mul_(h_f[d])  # (b, d, F)
+            x_f = torch.fft.rfft(xb)  # (b, d, F)
+            if keep:
+                spectra.append(x_f)
+                y_f = torch.mul(x_f, h_f[d], out=product[: xb.shape[0], : xb.shape[1]])
+            else:
+                y_f = x_f.mul_(h_f[d])
             y_f[..., 0] += dc[d]
             y[b, :, d] = torch.fft.irfft(y_f, n=n)[..., :length].transpose(1, 2)
-        ctx.save_for_backward(x, h_f)
-        ctx.n, ctx.k = n, h.shape[1]
+        ctx.save_for_backward(h_f, *spectra)
+        ctx.n, ctx.k, ctx.shape = n, h.shape[1], x.shape
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, h_f = ctx.saved_tensors
+        h_f, *spectra = ctx.saved_tensors
         n = ctx.n
-        batch, length, dim = x.shape
+        batch, length, dim = ctx.shape
         want_x, want_h, want_b = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x) if want_x else None
+        grad_x = torch.empty_like(grad_y) if want_x else None
         acc = torch.zeros_like(h_f) if want_h else None  # (D, F): sum over the batch of G conj(X)
-        grad_b = torch.zeros(dim, dtype=x.dtype, device=x.device) if want_b else None
+        grad_b = torch.zeros(dim, dtype=grad_y.dtype, device=grad_y.device) if want_b else None
         h_conj = h_f.conj().resolve_conj()
         blocks = _chunks(batch, dim, h_f.shape[-1])
-        shape = (blocks[0][0].stop - blocks[0][0].start, blocks[0][1].stop, n)
-        gbuf = _padded(shape, x)
-        xbuf = _padded(shape, x) if want_h else None
-        for b, d in blocks:
+        gbuf = _padded((blocks[0][0].stop - blocks[0][0].start, blocks[0][1].stop, n), grad_y)
+        for i, (b, d) in enumerate(blocks):
             rows, chans = b.stop - b.start, d.stop - d.start
             gb = gbuf[:rows, :chans]
             gb[..., :length].copy_(grad_y[b, :, d].transpose(1, 2))
@@ -133,9 +142,8 @@ class _SpectralConv(torch.autograd.Function):
             if want_b:
                 grad_b[d] += g_f[..., 0].real.sum(0)
             if want_h:
-                xb = xbuf[:rows, :chans]
-                xb[..., :length].copy_(x[b, :, d].transpose(1, 2))
-                acc[d] += (g_f * torch.fft.rfft(xb).conj_physical_()).sum(0)
+                for g_row, x_row in zip(g_f, spectra[i]):
+                    acc[d].addcmul_(g_row, x_row.conj())
             if want_x:
                 grad_x[b, :, d] = torch.fft.irfft(g_f.mul_(h_conj[d]), n=n)[..., :length].transpose(1, 2)
         grad_h = torch.fft.irfft(acc, n=n)[..., : ctx.k] if want_h else None

@@ -63,6 +63,7 @@ def test_fft_blocks_match_direct_forward_and_grads(monkeypatch, rows, padding):
     length, k, dim, batch = 97, 45, 5, 3
     n = _fast_fft_size(length + k - 1) if padding == "zero" else length
     monkeypatch.setattr(mixers, "SPECTRUM_CHUNK_BYTES", rows * 8 * (n // 2 + 1))
+    monkeypatch.setattr(mixers, "CHUNK_MIN_SEQUENCES", 1)
     blocks = mixers._chunks(batch, dim, n // 2 + 1)
     assert len(blocks) == {2: 9, 3: 6, 10: 2, 1000: 1}[rows]
     x, w, b = _inputs(length, k, dim, batch)
@@ -74,6 +75,41 @@ def test_fft_blocks_match_direct_forward_and_grads(monkeypatch, rows, padding):
         results.append((y.detach(), xi.grad, wi.grad, bi.grad))
     for direct, fast in zip(*results):
         _close(fast, direct)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias", "input"])
+def test_fft_gradients_with_a_frozen_argument(frozen):
+    """Each of x, the filter and the bias may not need a gradient: the forward keeps X only for the filter's."""
+    x, w, b = _inputs(97, 45, 5, 3)
+    results = []
+    for op in (depthwise_conv, fft_conv):
+        args = [t.clone().requires_grad_(name != frozen) for name, t in zip(("input", "weight", "bias"), (x, w, b))]
+        y = op(*args, "zero")
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        results.append([y.detach()] + [a.grad for a in args])
+    for direct, fast in zip(*results):
+        if direct is None:
+            assert fast is None
+        else:
+            _close(fast, direct)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_fft_under_activation_checkpointing(use_reentrant):
+    """The kept spectra go through save_for_backward, so a checkpointed layer recomputes them (non-reentrant
+    frees them after the forward; reentrant runs the first forward without grad and keeps nothing)."""
+    x, w, b = _inputs(200, 200, 6, 2)
+    grads = []
+    for checkpointed in (False, True):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        if checkpointed:
+            y = torch.utils.checkpoint.checkpoint(fft_conv, xi, wi, bi, "zero", use_reentrant=use_reentrant)
+        else:
+            y = fft_conv(xi, wi, bi, "zero")
+        y.square().sum().backward()
+        grads.append((xi.grad, wi.grad, bi.grad))
+    for plain, ckpt in zip(*grads):
+        _close(ckpt, plain)
 
 
 def test_circular_differs_from_zero_padding():
