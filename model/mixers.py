@@ -142,8 +142,11 @@ class _SpectralConv(torch.autograd.Function):
             if want_b:
                 grad_b[d] += g_f[..., 0].real.sum(0)
             if want_h:
-                for g_row, x_row in zip(g_f, spectra[i]):
-                    acc[d].addcmul_(g_row, x_row.conj())
+                if g_f.shape[-1] <= 256:  # one reduction over the rows; long rows go faster one at a time
+                    acc[d] += torch.linalg.vecdot(spectra[i], g_f, dim=0)  # sum_b conj(X) G
+                else:
+                    for g_row, x_row in zip(g_f, spectra[i]):
+                        acc[d].addcmul_(g_row, x_row.conj())
             if want_x:
                 grad_x[b, :, d] = torch.fft.irfft(g_f.mul_(h_conj[d]), n=n)[..., :length].transpose(1, 2)
         grad_h = torch.fft.irfft(acc, n=n)[..., : ctx.k] if want_h else None
