@@ -23,13 +23,16 @@ The config (YAML):
         axes: {mixer: [fft, dwc, attention], seq_len: [32, 128, 512]}
         overrides: ["model.mixer={mixer}", "model.max_seq_len={seq_len}", "model.kernel_size={seq_len}"]
         plot: {x: seq_len, series: mixer}
+        derive: {batch: "65536 // seq_len"}  # optional: values computed from the axes, for the overrides
 """
 
 import argparse
+import ast
 import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -52,10 +55,11 @@ OOM_SIGNS = ("OutOfMemoryError", "out of memory", "MemoryError", "Cannot allocat
 COLUMNS = [
     "sweep", "point", "status", "mixer", "seq_len", "items", "workers", "events_per_s", "sequences_per_s",
     "peak_mem_mb_max", "peak_mem_mb_mean", "peak_device_mem_mb_max", "metric", "value", "oracle", "oracle_fraction",
-    "popularity",
+    "popularity", "lift_over_popularity", "beats_popularity",
     "train_s", "eval_s", "fit_s", "data_s", "ray_start_s", "build_s", "wall_s", "steps", "error", "overrides",
 ]
 AXIS_COLUMNS = ("mixer", "seq_len", "items", "workers")
+MARGIN = 0.2  # a point should beat popularity by 20% wherever the oracle leaves that much room
 
 
 @dataclass
@@ -65,10 +69,28 @@ class Sweep:
     overrides: list[str]
     timeout_s: float
     plot: dict[str, str] = field(default_factory=dict)
+    derive: dict[str, str] = field(default_factory=dict)  # name -> arithmetic over the axes, for overrides
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.axes)
         return [dict(zip(names, values)) for values in itertools.product(*(self.axes[n] for n in names))]
+
+
+_ARITHMETIC = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Name, ast.Load, ast.Constant, ast.Call, ast.Add, ast.Sub,
+               ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub)
+_FUNCTIONS = {"min": min, "max": max, "round": round, "int": int}
+
+
+def evaluate(expr: str, values: dict[str, Any]) -> Any:
+    """A derived value: arithmetic (+ - * / // % **, min, max, round, int) over a point's axis values."""
+    tree = ast.parse(str(expr), mode="eval")
+    for node in ast.walk(tree):
+        if not isinstance(node, _ARITHMETIC) or (
+                isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS)):
+            raise ValueError(f"derive: {expr!r} may use only arithmetic, min, max, round and int")
+        if isinstance(node, ast.Name) and node.id not in values and node.id not in _FUNCTIONS:
+            raise ValueError(f"derive: {expr!r} names {node.id!r}, which is not an axis")
+    return eval(compile(tree, "<derive>", "eval"), {"__builtins__": {}}, {**_FUNCTIONS, **values})
 
 
 @dataclass
@@ -90,7 +112,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     timeout = float(raw.get("timeout_s", 1800))
     sweeps = []
     for name, s in (raw.get("sweeps") or {}).items():
-        unknown = set(s) - {"axes", "overrides", "timeout_s", "plot"}
+        unknown = set(s) - {"axes", "overrides", "timeout_s", "plot", "derive"}
         if unknown:
             raise ValueError(f"{path}: sweeps.{name}: unknown key {sorted(unknown)[0]}")
         axes = s.get("axes") or {}
@@ -100,13 +122,22 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         for role in ("x", "series"):
             if role in plot and plot[role] not in axes:
                 raise ValueError(f"{path}: sweeps.{name}.plot.{role}={plot[role]!r} is not one of its axes")
-        sweeps.append(Sweep(name, axes, list(s.get("overrides") or []), float(s.get("timeout_s", timeout)), plot))
+        derive = {str(k): str(v) for k, v in (s.get("derive") or {}).items()}
+        sweep = Sweep(name, axes, list(s.get("overrides") or []), float(s.get("timeout_s", timeout)), plot, derive)
+        for values in sweep.points():  # a bad expression is refused before anything runs
+            for expr in derive.values():
+                try:
+                    evaluate(expr, values)
+                except (ValueError, SyntaxError, ArithmeticError, TypeError) as e:
+                    raise ValueError(f"{path}: sweeps.{name}.derive: {e}") from None
+        sweeps.append(sweep)
     if not sweeps:
         raise ValueError(f"{path}: no sweeps")
     return SweepConfig(raw["base"], list(raw.get("overrides") or []), raw.get("metric", "hr@10"), timeout, sweeps)
 
 
 def point_overrides(cfg: SweepConfig, sweep: Sweep, values: dict[str, Any]) -> list[str]:
+    values = {**values, **{k: evaluate(e, values) for k, e in sweep.derive.items()}}
     try:
         return [*cfg.overrides, *(o.format(**values) for o in sweep.overrides)]
     except KeyError as e:
@@ -210,11 +241,25 @@ def row(sweep: Sweep, values: dict[str, Any], pid: str, record: dict[str, Any], 
         r["popularity"] = "" if pop is None else pop
         if oracle and r["value"] != "":
             r["oracle_fraction"] = round(r["value"] / oracle, 4)
+        r.update(beats(r["value"], pop, oracle))
     else:  # a failed point still names where it was on the grid
         for k in AXIS_COLUMNS:
             if k in values:
                 r[k] = values[k]
     return r
+
+
+def beats(value: Any, popularity: Optional[float], oracle: Optional[float]) -> dict[str, Any]:
+    """The model's lift over the popularity baseline, and whether it reaches MARGIN: yes / no, or "no room"
+    when even the oracle is not MARGIN above popularity (the data leaves nothing to learn past it)."""
+    if value in ("", None) or not popularity:
+        return {}
+    lift = float(value) / popularity - 1
+    if oracle is not None and oracle < (1 + MARGIN) * popularity:
+        verdict = "no room"
+    else:
+        verdict = "yes" if lift >= MARGIN else "no"
+    return {"lift_over_popularity": round(lift, 4), "beats_popularity": verdict}
 
 
 # ---------------------------------------------------------------- the sweep
@@ -334,6 +379,57 @@ def plot(cfg: SweepConfig, rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return written
 
 
+def cost_exponents(cfg: SweepConfig, rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per sweep with a plot.x, per series: the least-squares slope of log(training seconds per event) against
+    log(x) over its finished points (0: cost per event independent of x; 1: it grows linearly with x)."""
+    fits: dict[str, dict[str, dict[str, Any]]] = {}
+    for sweep in cfg.sweeps:
+        x = sweep.plot.get("x")
+        if not x:
+            continue
+        series_key = sweep.plot.get("series")
+        groups: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r["sweep"] == sweep.name and r["status"] == "ok" and r.get("events_per_s", "") not in ("", None):
+                name = str(r[series_key]) if series_key else sweep.name
+                groups.setdefault(name, []).append((math.log(float(r[x])), -math.log(float(r["events_per_s"]))))
+        for name, pts in groups.items():
+            xs = {p[0] for p in pts}
+            if len(xs) < 2:
+                continue
+            mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
+            slope = sum((a - mx) * (b - my) for a, b in pts) / sum((a - mx) ** 2 for a, _ in pts)
+            fits.setdefault(sweep.name, {})[name] = {
+                "exponent": round(slope, 3), "points": len(pts),
+                x: [round(math.exp(min(xs))), round(math.exp(max(xs)))]}
+    return fits
+
+
+TABLE_COLUMNS = ["status", "events_per_s", "peak_mem_mb_max", "value", "popularity", "oracle", "oracle_fraction",
+                 "lift_over_popularity", "beats_popularity", "train_s", "eval_s", "wall_s"]
+
+
+def write_table(cfg: SweepConfig, rows: list[dict[str, Any]], fits: dict, path: Path) -> None:
+    """DIR/README.md: a markdown table per sweep (its axes, then TABLE_COLUMNS) and the fitted exponents."""
+    lines = [f"# Scaling sweep: {cfg.base} with {' '.join(cfg.overrides) or 'no overrides'}", "",
+             f"Metric: {cfg.metric} on the held-out day. Written by `python -m cluster.scaling` from results.csv.", ""]
+    for sweep in cfg.sweeps:
+        mine = [r for r in rows if r["sweep"] == sweep.name]
+        if not mine:
+            continue
+        axes = list(sweep.axes)
+        lines += [f"## {sweep.name}", "", "| " + " | ".join(axes + TABLE_COLUMNS) + " |",
+                  "|" + "---|" * (len(axes) + len(TABLE_COLUMNS))]
+        for r in mine:
+            lines.append("| " + " | ".join(str(r.get(c, "")) for c in axes + TABLE_COLUMNS) + " |")
+        for name, fit in fits.get(sweep.name, {}).items():
+            x = sweep.plot["x"]
+            lines.append(f"\nTime per training event ~ {x}^{fit['exponent']} for {name} "
+                         f"({fit['points']} points, {x} {fit[x][0]}-{fit[x][1]}).")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.scaling", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="sweep config, e.g. configs/scaling/cpu-small.yaml")
@@ -353,6 +449,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg, out, args.only, args.timeout_s, args.retry_failed)
     for path in plot(cfg, rows, out):
         print(f"plot: {path}")
+    fits = cost_exponents(cfg, rows)
+    (out / "exponents.json").write_text(json.dumps(fits, indent=1) + "\n")
+    write_table(cfg, rows, fits, out / "README.md")
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"{len(rows)} points, {failed} not ok; {out / 'results.csv'}")
     return 0

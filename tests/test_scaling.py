@@ -103,3 +103,53 @@ def test_plots_are_drawn(swept, tmp_path):
     shutil.copy(swept / "results.csv", tmp_path / "results.csv")
     assert scaling.main(["--config", SMALL, "--out", str(tmp_path), "--plots-only"]) == 0
     assert (tmp_path / "seq_len.png").read_bytes()[:8] == PNG
+
+
+def test_lift_over_popularity_and_the_margin():
+    assert scaling.beats(0.3, 0.2, 0.5) == {"lift_over_popularity": 0.5, "beats_popularity": "yes"}
+    assert scaling.beats(0.22, 0.2, 0.5) == {"lift_over_popularity": 0.1, "beats_popularity": "no"}
+    assert scaling.beats(0.21, 0.2, 0.23)["beats_popularity"] == "no room"  # the oracle is only 15% above
+    assert scaling.beats(0.3, 0.2, None)["beats_popularity"] == "yes"  # no oracle: judged on the margin alone
+    assert scaling.beats("", 0.2, 0.5) == {} and scaling.beats(0.3, None, 0.5) == {}
+
+
+def _fake_rows(sweep: str, exponents: dict[str, float]) -> list[dict]:
+    rows = []
+    for mixer, a in exponents.items():
+        for length in (64, 256, 1024, 4096):
+            # seconds per event = 1e-5 * L^a, with a little noise that least squares averages out
+            eps = 1 / (1e-5 * length**a * (1.02 if length == 256 else 1.0))
+            rows.append({"sweep": sweep, "status": "ok", "mixer": mixer, "seq_len": str(length),
+                         "events_per_s": str(eps)})
+    rows.append({"sweep": sweep, "status": "oom", "mixer": "attention", "seq_len": "16384", "events_per_s": ""})
+    rows.append({"sweep": sweep, "status": "ok", "mixer": "lonely", "seq_len": "64", "events_per_s": "5"})
+    return rows
+
+
+def test_cost_exponents_fit_time_per_event_against_the_axis(tmp_path):
+    cfg = scaling.load_sweep_config(REPO / SMALL)
+    fits = scaling.cost_exponents(cfg, _fake_rows("seq_len", {"fft": 0.1, "attention": 1.0}))
+    assert set(fits["seq_len"]) == {"fft", "attention"}  # one point fits nothing; failed points are left out
+    assert fits["seq_len"]["attention"]["exponent"] == pytest.approx(1.0, abs=0.02)
+    assert fits["seq_len"]["fft"]["exponent"] == pytest.approx(0.1, abs=0.02)
+    assert fits["seq_len"]["fft"]["points"] == 4 and fits["seq_len"]["fft"]["seq_len"] == [64, 4096]
+    rows = _fake_rows("seq_len", {"fft": 0.1})
+    scaling.write_table(cfg, rows, fits, tmp_path / "README.md")
+    text = (tmp_path / "README.md").read_text()
+    assert "| mixer | seq_len | status | events_per_s |" in text and "| oom |" in text.replace("attention | 16384 ", "")
+    assert f"seq_len^{fits['seq_len']['fft']['exponent']} for fft (4 points, seq_len 64-4096)" in text
+
+
+def test_derived_values_feed_the_overrides_and_bad_ones_are_refused(tmp_path):
+    cfg = scaling.load_sweep_config(REPO / "configs/scaling/cpu.yaml")
+    sweep = next(s for s in cfg.sweeps if s.name == "seq_len")
+    for length, batch in ((64, 128), (1024, 8), (8192, 1)):
+        resolved = load_config(REPO / cfg.base, scaling.point_overrides(cfg, sweep, {"mixer": "fft", "seq_len": length}))
+        assert resolved.training.batch_size == batch and resolved.model.max_seq_len == length
+    bad = tmp_path / "bad.yaml"
+    for expr, why in (("__import__('os')", "only arithmetic"), ("seq_len.bit_length()", "only arithmetic"),
+                      ("lenght * 2", "not an axis"), ("8192 // (seq_len - 32)", "by zero")):
+        bad.write_text("base: configs/smoke.yaml\nsweeps: {s: {axes: {seq_len: [32, 64]}, "
+                       f"derive: {{b: \"{expr}\"}}, overrides: ['training.batch_size={{b}}']}}}}\n")
+        with pytest.raises(ValueError, match=why):
+            scaling.load_sweep_config(bad)
