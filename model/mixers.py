@@ -87,7 +87,7 @@ class _SpectralConv(torch.autograd.Function):
     """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs, plus a bias.
 
     Blocked: each (batch, channel) block is transformed, multiplied and transformed back while its spectrum is
-    still in cache, so no (B, D, n) spectrum is ever computed at once. The bias is added in the spectrum
+    still in cache; memory stays O(B L D) (the padded input and product are one block's). The bias is added in the spectrum
     (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the zero-frequency bin
     of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward is hand-written:
     the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
