@@ -409,6 +409,15 @@ TABLE_COLUMNS = ["status", "events_per_s", "peak_mem_mb_max", "value", "populari
                  "lift_over_popularity", "beats_popularity", "train_s", "eval_s", "wall_s"]
 
 
+def _cell(value: Any) -> str:
+    """A number as a table shows it: 4 significant digits, thousands grouped and whole from 1000 up."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def write_table(cfg: SweepConfig, rows: list[dict[str, Any]], fits: dict, path: Path) -> None:
     """DIR/README.md: a markdown table per sweep (its axes, then TABLE_COLUMNS) and the fitted exponents."""
     lines = [f"# Scaling sweep: {cfg.base} with {' '.join(cfg.overrides) or 'no overrides'}", "",
@@ -421,7 +430,7 @@ def write_table(cfg: SweepConfig, rows: list[dict[str, Any]], fits: dict, path: 
         lines += [f"## {sweep.name}", "", "| " + " | ".join(axes + TABLE_COLUMNS) + " |",
                   "|" + "---|" * (len(axes) + len(TABLE_COLUMNS))]
         for r in mine:
-            lines.append("| " + " | ".join(str(r.get(c, "")) for c in axes + TABLE_COLUMNS) + " |")
+            lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in axes + TABLE_COLUMNS) + " |")
         for name, fit in fits.get(sweep.name, {}).items():
             x = sweep.plot["x"]
             lines.append(f"\nTime per training event ~ {x}^{fit['exponent']} for {name} "

@@ -138,6 +138,9 @@ def test_cost_exponents_fit_time_per_event_against_the_axis(tmp_path):
     text = (tmp_path / "README.md").read_text()
     assert "| mixer | seq_len | status | events_per_s |" in text and "| oom |" in text.replace("attention | 16384 ", "")
     assert f"seq_len^{fits['seq_len']['fft']['exponent']} for fft (4 points, seq_len 64-4096)" in text
+    assert "| fft | 64 | ok | 65,975 |" in text  # 1 / (1e-5 * 64**0.1): numbers rounded for the table
+    assert [scaling._cell(v) for v in ("0.24333333333333335", 7827.6, "", "no room", 0.058)] == [
+        "0.2433", "7,828", "", "no room", "0.058"]
 
 
 def test_derived_values_feed_the_overrides_and_bad_ones_are_refused(tmp_path):
