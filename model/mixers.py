@@ -87,10 +87,10 @@ class _SpectralConv(torch.autograd.Function):
     """Per-channel convolution of x (B, L, D) with h (D, K) at FFT length n, cut to L outputs, plus a bias.
 
     Blocked: each (batch, channel) block is transformed, multiplied and transformed back while its spectrum is
-    still in cache; memory stays O(B L D) (the padded input and product are one block's). The bias is added in the spectrum
-    (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the zero-frequency bin
-    of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward is hand-written:
-    the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
+    still in cache; memory stays O(B L D) (the padded input and product are one block's). The bias is added in
+    the spectrum (n * bias on the zero-frequency bin adds bias to every output), and its gradient is the
+    zero-frequency bin of the upstream gradient's spectrum, so neither costs a pass over (B, L, D). The backward
+    is hand-written: the adjoint of a convolution is a correlation, so grad_x = irfft(G conj(H)) and
     grad_h = irfft(sum_b G conj(X)). When h needs a gradient the forward keeps each block's X (about twice
     x's bytes at zero padding, once at circular) rather than x, so the backward makes two transforms per block,
     not three.

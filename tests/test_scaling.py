@@ -147,7 +147,8 @@ def test_derived_values_feed_the_overrides_and_bad_ones_are_refused(tmp_path):
     cfg = scaling.load_sweep_config(REPO / "configs/scaling/cpu.yaml")
     sweep = next(s for s in cfg.sweeps if s.name == "seq_len")
     for length, batch in ((64, 128), (1024, 8), (8192, 1)):
-        resolved = load_config(REPO / cfg.base, scaling.point_overrides(cfg, sweep, {"mixer": "fft", "seq_len": length}))
+        overrides = scaling.point_overrides(cfg, sweep, {"mixer": "fft", "seq_len": length})
+        resolved = load_config(REPO / cfg.base, overrides)
         assert resolved.training.batch_size == batch and resolved.model.max_seq_len == length
     bad = tmp_path / "bad.yaml"
     for expr, why in (("__import__('os')", "only arithmetic"), ("seq_len.bit_length()", "only arithmetic"),
