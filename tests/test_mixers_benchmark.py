@@ -1,9 +1,12 @@
 """benchmarks/mixers.py's floor: measured on this machine at tiny sizes, and its arithmetic."""
 
+import pytest
+
 from benchmarks.mixers import fft_floor, machine_rates
 from model.mixers import _chunks
 
 
+@pytest.mark.slow  # a 2048^2 matmul and 64 MiB copies to measure the machine: seconds the fast tier keeps
 def test_floor_counts_the_transforms_and_transposes_the_layer_makes():
     dim, batch, lengths = 8, 4, [16, 64]
     rates = machine_rates(dim, batch, lengths)
